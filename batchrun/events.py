@@ -1,0 +1,154 @@
+"""Progress events published by the engine, and the renderers that show them.
+
+The engine and the HTTP layer never print: they emit `Event`s to a sink.  A
+renderer decides what a person (or a program) sees: one plain line per
+transition in CI, JSON lines with `--json`, a live rich display on a TTY.
+The JSON form is a documented interface (docs/events.md): fields are only
+ever added, never renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO, Any, Literal
+
+EventType = Literal[
+    "start",  # the batch begins: data has counts per action
+    "phase",  # a run moved to a new phase of the state machine
+    "skip",  # a run needs nothing (unchanged)
+    "progress",  # bytes moved for an upload or download
+    "retry",  # a request is being retried (warning)
+    "warning",  # something a person should know, the batch goes on
+    "interrupt",  # a stop was requested: nothing new starts
+    "done",  # the batch ended: data has the summary
+]
+
+
+@dataclass(frozen=True)
+class Event:
+    type: EventType
+    run: str | None = None
+    phase: str | None = None
+    message: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+    time: float = field(default_factory=time.time)
+
+    def to_json(self) -> str:
+        obj: dict[str, Any] = {"type": self.type, "time": round(self.time, 3)}
+        if self.run is not None:
+            obj["run"] = self.run
+        if self.phase is not None:
+            obj["phase"] = self.phase
+        if self.message:
+            obj["message"] = self.message
+        if self.data:
+            obj["data"] = self.data
+        return json.dumps(obj, sort_keys=True)
+
+
+Sink = Callable[[Event], None]
+
+
+def discard(event: Event) -> None:
+    """A sink for callers that want no progress (the Python API's default)."""
+
+
+class JsonLinesRenderer:
+    """`--json`: one JSON object per event on stdout, flushed, for programs."""
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self._stream = stream or sys.stdout
+
+    def __call__(self, event: Event) -> None:
+        if event.type == "progress":
+            return  # byte counts go in the phase events; per-chunk lines would flood pipes
+        self._stream.write(event.to_json() + "\n")
+        self._stream.flush()
+
+    def close(self) -> None:
+        pass
+
+
+class PlainRenderer:
+    """CI and pipes: one line per transition, nothing that redraws."""
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self._stream = stream or sys.stderr
+
+    def __call__(self, event: Event) -> None:
+        if event.type in ("progress", "start", "done"):
+            return
+        who = f"{event.run}: " if event.run else ""
+        what = event.phase or event.type
+        text = f"{who}{what}"
+        if event.message:
+            text += f" ({event.message})"
+        self._stream.write(text + "\n")
+        self._stream.flush()
+
+    def close(self) -> None:
+        pass
+
+
+class LiveRenderer:
+    """A terminal: one overall bar, counts per phase, bytes/s for transfers.
+
+    Warnings and failures are printed above the live area so they stay on screen.
+    """
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
+        self._console = Console(stderr=True)
+        self._phases: dict[str, str] = {}
+        self._total = 0
+        self._bytes = 0
+        self._started = time.monotonic()
+        self._live = Live(self._render(), console=self._console, refresh_per_second=8)
+        self._live.start()
+
+    def _render(self) -> Any:
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+
+        counts = Counter(self._phases.values())
+        finished = counts["collected"] + counts["failed"] + counts["canceled"] + counts["unchanged"]
+        elapsed = max(time.monotonic() - self._started, 1e-6)
+        grid = Table.grid(padding=(0, 1))
+        grid.add_row(
+            ProgressBar(total=max(self._total, 1), completed=finished, width=40),
+            f"{finished}/{self._total} runs",
+            f"{self._bytes / elapsed / 1e6:.1f} MB/s",
+        )
+        order = ["uploading", "submitting", "submitted", "succeeded", "collected", "failed"]
+        parts = [f"{p} {counts[p]}" for p in order if counts[p]]
+        if counts["unchanged"]:
+            parts.append(f"unchanged {counts['unchanged']}")
+        grid.add_row("", " · ".join(parts) or "starting", "")
+        return grid
+
+    def __call__(self, event: Event) -> None:
+        if event.type == "start":
+            self._total = int(event.data.get("runs", 0))
+        elif event.type == "skip" and event.run:
+            self._phases[event.run] = "unchanged"
+        elif event.type == "phase" and event.run and event.phase:
+            self._phases[event.run] = event.phase
+            if event.phase == "failed":
+                self._console.print(f"[red]✗ {event.run}[/red]: {event.message}")
+        elif event.type == "progress":
+            self._bytes += int(event.data.get("bytes", 0))
+        elif event.type in ("warning", "retry", "interrupt"):
+            who = f"{event.run}: " if event.run else ""
+            self._console.print(f"[yellow]{who}{event.message}[/yellow]")
+        self._live.update(self._render())
+
+    def close(self) -> None:
+        self._live.update(self._render())
+        self._live.stop()

@@ -1,0 +1,49 @@
+"""Logging for the CLI, with secrets scrubbed from every record.
+
+httpx logs each request's full URL at INFO, and a presigned URL's query string
+is a credential: every record passes through `RedactingFilter` before any
+handler formats it, whatever logger it came from.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+_SECRET_PATTERNS = [
+    # Query parameters that carry signatures or tokens on presigned URLs.
+    re.compile(
+        r"(?i)((?:sig|signature|x-amz-signature|x-amz-credential|x-amz-security-token"
+        r"|x-goog-signature|token|expires)=)[^&\s'\"]+"
+    ),
+    re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"),
+]
+
+
+def redact(text: str) -> str:
+    for pattern in _SECRET_PATTERNS:
+        text = pattern.sub(r"\1REDACTED", text)
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg = cleaned
+            record.args = None
+        return True
+
+
+def configure(level: str) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactingFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    if level.upper() != "DEBUG":
+        # httpx and uvicorn narrate every request at INFO: noise for a person.
+        for name in ("httpx", "httpcore", "uvicorn", "uvicorn.access", "uvicorn.error"):
+            logging.getLogger(name).setLevel(logging.WARNING)
