@@ -145,6 +145,7 @@ async def clients(
         api_key,
         limits=manifest.limits,
         max_connections=max(16, manifest.concurrency * 2),
+        requests_per_minute=manifest.limits.requests_per_minute,
     )
     storage = StorageClient(max_connections=max(4, manifest.transfers * 2))
     try:
@@ -165,7 +166,7 @@ async def apply_async(
 ) -> ApplyResult:
     """Apply under the state lock. `on_engine(engine)` lets a caller wire signals."""
     state_path = state_path_for(manifest, overrides)
-    lock = StateLock(state_path)
+    lock = StateLock(state_path, manifest=manifest.path)
     lock.acquire()
     try:
         store = StateStore.open(state_path, manifest_identity(manifest.path), create=True)
@@ -225,7 +226,7 @@ async def cancel_async(
 ) -> list[tuple[str, str]]:
     """Cancel every run the state says is on the service; returns (name, run id) canceled."""
     state_path = state_path_for(manifest, overrides)
-    lock = StateLock(state_path)
+    lock = StateLock(state_path, manifest=manifest.path)
     lock.acquire()
     canceled: list[tuple[str, str]] = []
     try:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from . import crashpoints
 from .client import ApiClient, RunState
 from .errors import AmbiguousError, ApiError, AuthError, BatchrunError, DiskError, TransferError
 from .events import Event, Sink
@@ -344,6 +345,7 @@ class Engine:
             upload_id = rec.upload_id
         rec = replace(rec, phase="submitting", upload_id=upload_id, error=None)
         await self._writer.commit(rec)  # durable intent before the POST
+        crashpoints.reach("after_intent")
         self._phase(p, "submitting")
         for attempt in range(CREATE_ATTEMPTS_MAX):
             try:
@@ -375,6 +377,7 @@ class Engine:
                 if exc.status is not None and 400 <= exc.status < 500 and exc.status != 429:
                     raise RunFailed(f"refused by the service: {exc}") from exc
                 raise RunUnfinished(f"not submitted: {exc}") from exc
+            crashpoints.reach("after_create_response")
             return await self._submitted(p, rec, run_id, adopted=False)
         raise RunUnfinished("create-run answers kept getting lost; apply again to reconcile")
 
@@ -426,7 +429,10 @@ class Engine:
                 self._phase(p, "uploading", f"{size} bytes")
                 try:
                     await self._storage.put_file(
-                        ticket.upload_url, spec.input_path, size=size, on_progress=self._progress(p)
+                        ticket.upload_url,
+                        spec.input_path,
+                        size=size,
+                        on_progress=self._progress(p, "mid_upload"),
                     )
                 except TransferError as exc:
                     if exc.expired and attempt + 1 < TRANSFER_ATTEMPTS_MAX:
@@ -439,6 +445,7 @@ class Engine:
                         )
                         continue
                     raise
+                crashpoints.reach("after_upload")
                 self._result.bytes_uploaded += size
                 rec = replace(
                     rec, phase="uploaded", upload_id=ticket.upload_id, uploaded_at=issued_at
@@ -453,6 +460,7 @@ class Engine:
     ) -> tuple[RunRecord, RunState]:
         assert rec.run_id is not None
         self._in_flight[p.spec.name] = rec.run_id
+        crashpoints.reach("mid_poll")
         try:
             state = await poller.wait(p.spec.app, rec.run_id, p.spec.timeout_s)
         except TimeoutError:
@@ -496,7 +504,7 @@ class Engine:
                         state.output_url,
                         spec.output_path,
                         max_bytes=limit,
-                        on_progress=self._progress(p),
+                        on_progress=self._progress(p, "mid_download"),
                     )
                 except TransferError as exc:
                     if exc.expired and attempt + 1 < TRANSFER_ATTEMPTS_MAX:
@@ -508,6 +516,7 @@ class Engine:
                 break
             else:  # pragma: no cover - the loop always breaks or raises
                 raise RunUnfinished("download links kept expiring")
+        crashpoints.reach("after_collect")
         self._result.bytes_downloaded += size
         rec = replace(
             rec,
@@ -546,11 +555,17 @@ class Engine:
     def _phase(self, p: PlannedRun, phase: str, message: str = "") -> None:
         self._emit(Event("phase", run=p.spec.name, phase=phase, message=message))
 
-    def _progress(self, p: PlannedRun) -> Callable[[int], None]:
+    def _progress(self, p: PlannedRun, point: str) -> Callable[[int], None]:
         name = p.spec.name
+        last = 0
 
-        def report(n: int) -> None:
-            self._emit(Event("progress", run=name, data={"bytes": n}))
+        def report(done: int) -> None:
+            # The transfer layer reports bytes done in the current attempt
+            # (back to 0 on a retry); events carry deltas.
+            nonlocal last
+            delta, last = max(done - last, 0), done
+            crashpoints.reach(point)
+            self._emit(Event("progress", run=name, data={"bytes": delta, "done": done}))
 
         return report
 

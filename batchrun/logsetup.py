@@ -10,20 +10,20 @@ from __future__ import annotations
 import logging
 import re
 
-_SECRET_PATTERNS = [
-    # Query parameters that carry signatures or tokens on presigned URLs.
-    re.compile(
-        r"(?i)((?:sig|signature|x-amz-signature|x-amz-credential|x-amz-security-token"
-        r"|x-goog-signature|token|expires)=)[^&\s'\"]+"
-    ),
-    re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"),
-]
+# A URL's query string is dropped whole: on a presigned URL it is the credential.
+_URL_QUERY = re.compile(r"(https?://[^\s?#'\"<>]+)\?[^\s'\"<>]*")
+# Signature-like parameters outside a URL (a bare query string in a message).
+_SIGNED_PARAM = re.compile(
+    r"(?i)\b(?:sig|signature|x-amz-signature|x-amz-credential|x-amz-security-token"
+    r"|x-goog-signature)=[^&\s'\"]*"
+)
+_BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
 
 
 def redact(text: str) -> str:
-    for pattern in _SECRET_PATTERNS:
-        text = pattern.sub(r"\1REDACTED", text)
-    return text
+    text = _URL_QUERY.sub(r"\1?<redacted>", text)
+    text = _SIGNED_PARAM.sub("<redacted>", text)
+    return _BEARER.sub(r"\1<redacted>", text)
 
 
 class RedactingFilter(logging.Filter):

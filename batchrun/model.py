@@ -59,6 +59,7 @@ class Limits:
 
     runs_per_second: float = 5.0
     results_per_10s: float = 200.0
+    requests_per_minute: float = 2000.0  # every API request together
     # The official SDK's _MAX_RUN_SIZE, compared with `>` against the compact
     # JSON serialisation of the input.
     direct_input_max_bytes: int = 5 * MIB
