@@ -52,7 +52,7 @@ def apply_text(result: ApplyResult) -> str:
     counts = result.counts()
     order = ["collected", "unchanged", "failed", "canceled", "unfinished"]
     parts = [f"{counts[k]} {k}" for k in order if counts.get(k)]
-    requests = sum(result.api_requests.get(k, 0) for k in result.api_requests if k != "retries")
+    requests = result.api_requests.get("requests", 0)
     lines = [
         f"Apply: {', '.join(parts) or 'nothing to do'} in {result.wall_s:.1f}s;"
         f" {human_bytes(result.bytes_uploaded)} up, {human_bytes(result.bytes_downloaded)} down;"

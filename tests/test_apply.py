@@ -9,8 +9,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.apply_helpers import big_json, cli_env, popen_cli, run_cli, write_json, write_manifest
 
 MIB = 1024 * 1024
