@@ -281,6 +281,21 @@ def unlock(manifest: Path, state_path: Path | None) -> None:
     click.echo(f"removed lock: {removed}" if removed else "no lock to remove")
 
 
+@main.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.pass_context
+def emulator(ctx: click.Context) -> None:
+    """Serve the Nextmv-compatible emulator (--help for its options).
+
+    batchrun emulator --port 8080 --api-key KEY --app knapsack=examples/knapsack
+    """
+    from .emulator.__main__ import main as emulator_main
+
+    sys.exit(emulator_main(list(ctx.args), prog="batchrun emulator", human=True))
+
+
 @main.command()
 def schema() -> None:
     """Print the manifest's JSON Schema."""

@@ -34,8 +34,8 @@ def _knob(value: str) -> tuple[str, Any]:
     return name.strip(), parsed
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m batchrun.emulator", description=__doc__)
+def build_parser(prog: str = "python -m batchrun.emulator") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--storage-port", type=int, default=0)
@@ -58,8 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, *, prog: str | None = None, human: bool = False) -> int:
+    """`human`: announce the URLs as text for a person (`batchrun emulator`)
+    instead of the one JSON line that tests and scripts read."""
+    args = build_parser(prog or "python -m batchrun.emulator").parse_args(argv)
     try:
         faults = FaultConfig().replace(**dict(_knob(v) for v in args.fault))
         config = EmulatorConfig(
@@ -79,6 +81,19 @@ def main(argv: list[str] | None = None) -> int:
         )
 
         def ready(running: RunningEmulator) -> None:
+            if human:
+                apps = ", ".join(f"{a} = {s}" for a, s in config.apps) or "none (use --app)"
+                auth = "required (Bearer)" if config.api_key else "none needed"
+                print(
+                    f"Nextmv emulator ready.\n"
+                    f"  endpoint: {running.api_url}    <- put this in your manifest\n"
+                    f"  storage:  {running.storage_url}\n"
+                    f"  apps:     {apps}\n"
+                    f"  API key:  {auth}\n"
+                    "Ctrl-C to stop.",
+                    flush=True,
+                )
+                return
             info = {"api_url": running.api_url, "storage_url": running.storage_url}
             print(json.dumps(info | {"pid": os.getpid()}), flush=True)
 
