@@ -209,8 +209,9 @@ def _schema_error(
             seen.add((path, key))
             close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
             fix = f"did you mean {show(close[0])}?" if close else f"known: {', '.join(known)}"
+            # Not marked bad: an unknown key is never read, so the entry's
+            # other checks still run and every problem shows in one pass.
             res.add((*path, key), f"unknown field ({fix})", at_key=True)
-            res.mark_bad((*path, key))
         return
     if kind == "required" and isinstance(inst, dict):
         for key in err.validator_value:
