@@ -154,7 +154,14 @@ def test_mixed_faults_every_run_succeeds_no_duplicates(
 ) -> None:
     emu = emulator_factory(
         seed=7,
-        faults={"error_rate": 0.1, "lost_create_rate": 0.1, "rate_429": 0.05},
+        faults={
+            "error_rate": 0.1,
+            "lost_create_rate": 0.1,
+            "lost_create_mode": "alternate",
+            "rate_429": 0.05,
+            "reset_rate": 0.05,
+            "cut_download_rate": 0.1,
+        },
     )
     for i in range(30):
         write_json(tmp_path / "in" / f"f{i:02d}.json", {"i": i})
