@@ -10,18 +10,20 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
 from . import commands
-from .engine import ApplyResult, Engine
 from .errors import EXIT_INTERRUPTED, EXIT_OK, BatchrunError, ManifestError
 from .events import JsonLinesRenderer, LiveRenderer, PlainRenderer
 from .logsetup import configure, redact
 from .manifest import schema_text
 from .plan import plan_to_json
 from .report import apply_text, plan_text, status_rows, status_text
+
+if TYPE_CHECKING:
+    from .engine import ApplyResult, Engine
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -15,17 +15,21 @@ import secrets
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .client import ApiClient
-from .engine import ApplyResult, Engine, EngineSettings
 from .errors import ApiError, UsageError
 from .events import Event, Sink, discard
 from .manifest import load_manifest
 from .model import EMBEDDED_ENDPOINT, FileFacts, Manifest, Plan, RunRecord
 from .plan import HashCache, default_cache_path, gather_facts, make_plan, output_facts
 from .state import StateLock, StateStore, default_state_path, manifest_identity
-from .transfer import StorageClient
+
+if TYPE_CHECKING:
+    # The HTTP stack (httpx) costs ~0.1 s to import: validate, plan, status and
+    # an apply with nothing to do never load it.
+    from .client import ApiClient
+    from .engine import ApplyResult
+    from .transfer import StorageClient
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,9 @@ def service(manifest: Manifest, emit: Sink) -> Iterator[tuple[str, str]]:
 async def clients(
     base_url: str, api_key: str, manifest: Manifest
 ) -> AsyncIterator[tuple[ApiClient, StorageClient]]:
+    from .client import ApiClient
+    from .transfer import StorageClient
+
     api = ApiClient(
         base_url,
         api_key,
@@ -165,6 +172,8 @@ async def apply_async(
     seed: int | None = None,
 ) -> ApplyResult:
     """Apply under the state lock. `on_engine(engine)` lets a caller wire signals."""
+    from .engine import Engine, EngineSettings
+
     state_path = state_path_for(manifest, overrides)
     lock = StateLock(state_path, manifest=manifest.path)
     lock.acquire()

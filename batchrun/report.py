@@ -7,10 +7,13 @@ a pasted bug report.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-from .engine import ApplyResult
 from .model import Manifest, Plan, RunRecord
 from .plan import summary_line
+
+if TYPE_CHECKING:
+    from .engine import ApplyResult
 
 
 def human_bytes(n: float) -> str:

@@ -272,7 +272,9 @@ def _validate(conn: sqlite3.Connection, path: Path, identity: str) -> dict[str, 
 def _decode(path: Path, row: tuple[Any, ...]) -> RunRecord:
     values = dict(zip(_COLUMNS, row, strict=True))
     try:
-        history = json.loads(values.pop("history"))
+        raw_history = values.pop("history")
+        # Most runs have no history: skip the parser for the common case.
+        history = [] if raw_history == "[]" else json.loads(raw_history)
         if not isinstance(history, list) or not all(isinstance(h, str) for h in history):
             raise ValueError("history is not a list of strings")
         if values["phase"] not in _PHASES:
