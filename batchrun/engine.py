@@ -333,7 +333,7 @@ class Engine:
         if p.transport == "direct":
             input_json = await asyncio.to_thread(self._read_direct, p)
         elif (
-            rec.phase == "uploaded"
+            rec.phase in ("uploaded", "submitting")
             and rec.upload_id
             and rec.uploaded_at is not None
             and time.time() - rec.uploaded_at
