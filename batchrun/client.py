@@ -18,8 +18,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+import sys
 from collections import Counter
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -31,8 +33,15 @@ import httpx
 from batchrun.errors import AmbiguousError, ApiError, AuthError
 from batchrun.model import Limits
 from batchrun.pacing import RateLimiter
-from batchrun.retry import RetryBudget, RetryPolicy, call_with_retry, scrub
+from batchrun.retry import RetryBudget, RetryPolicy, call_with_retry, parse_retry_after, scrub
 from batchrun.transfer import redact_url
+
+# httpcore runs `import sniffio` for every lock and event of every request. Where
+# sniffio is not installed (recent anyio does not need it) each of those imports
+# failed anew, a search of sys.path: ~13% of apply's CPU. A None entry makes the
+# miss instant; httpcore then takes asyncio, which is what batchrun runs on.
+if importlib.util.find_spec("sniffio") is None:
+    sys.modules["sniffio"] = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +263,12 @@ class ApiClient:
                 response = await self._client.send(request)
                 if response.status_code == 429:
                     self._stats["responses_429"] += 1
+                if not idempotent and response.status_code >= 500 and limiter is not None:
+                    # Not retried here (the engine reconciles first), so a Retry-After
+                    # would be lost: it holds back this kind's next request instead.
+                    wait = parse_retry_after(response.headers.get("retry-after"))
+                    if wait is not None:
+                        limiter.penalize(min(wait, self.policy.retry_after_cap_s))
                 if not response.is_redirect:
                     return response
                 target = url.join(response.headers["location"])

@@ -37,6 +37,7 @@ from .errors import AmbiguousError, ApiError, AuthError, BatchrunError, DiskErro
 from .events import Event, Sink
 from .model import FileFacts, Limits, Plan, PlannedRun, RunRecord
 from .poller import Poller, PollGaveUp, RunLost
+from .retry import backoff_delay
 from .state import StateStore
 from .statewriter import StateWriter
 from .transfer import StorageClient
@@ -50,7 +51,9 @@ Outcome = Literal["collected", "unchanged", "failed", "canceled", "unfinished"]
 UPLOAD_REUSE_MARGIN_S = 60.0
 # After a lost create answer the service may need a moment to list the run.
 RECONCILE_SETTLE_S = 1.0
-CREATE_ATTEMPTS_MAX = 3
+# Each resend follows a lookup that found no run with the key, so it cannot
+# duplicate; the bound only keeps a failing service from holding a run forever.
+CREATE_ATTEMPTS_MAX = 8
 TRANSFER_ATTEMPTS_MAX = 3
 COLLECTABLE = ("succeeded", "collected")
 
@@ -370,6 +373,7 @@ class Engine:
                 if found:
                     return await self._submitted(p, rec, found, adopted=True)
                 log.warning("run %s not found after a lost answer (try %d)", spec.name, attempt + 1)
+                await asyncio.sleep(backoff_delay(attempt, self._api.policy, self._rng))
                 continue
             except AuthError:
                 raise

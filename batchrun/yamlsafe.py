@@ -89,7 +89,7 @@ def format_path(path: NodePath) -> str:
     for part in path:
         if isinstance(part, int):
             out.append(f"[{part}]")
-        elif _SAFE_KEY.match(part):
+        elif _SAFE_KEY.fullmatch(part):
             out.append(f".{part}" if out else part)
         else:
             out.append(f"[{show(part)}]")

@@ -60,6 +60,10 @@ class FaultConfig:
     cut_download_rate: float = 0.0
     # Uploads: read half of the body (Content-Length), then reset the connection.
     cut_upload_rate: float = 0.0
+    # Seconds the storage origin waits after an upload body is in, before it checks
+    # the URL's expiry again: with a short upload_url_lifetime_s, a deterministic
+    # "expired mid-transfer".
+    storage_latency_s: float = 0.0
     # Runs fail with an injected error instead of executing.
     run_failure_rate: float = 0.0
     # Deterministic: fail the next K requests of a route class with `fail_next_status`
@@ -106,8 +110,8 @@ class FaultConfig:
             raise UsageError("retry_after_format must be seconds, date or alternate")
         if self.lost_create_mode not in ("502", "reset", "alternate"):
             raise UsageError("lost_create_mode must be 502, reset or alternate")
-        if self.latency_s < 0 or self.retry_after_s < 0:
-            raise UsageError("latency_s and retry_after_s must be >= 0")
+        if self.latency_s < 0 or self.retry_after_s < 0 or self.storage_latency_s < 0:
+            raise UsageError("latency_s, storage_latency_s and retry_after_s must be >= 0")
 
 
 def _check_rate(name: str, value: float) -> None:
@@ -186,6 +190,8 @@ class FaultInjector:
                 self._count(f"fail_next_{cfg.fail_next_status}")
                 if cfg.fail_next_status == 429:
                     return Decision("429", 429, self._retry_after_locked())
+                if cfg.fail_next_status == 503:  # like error_rate's 503s: with Retry-After
+                    return Decision("error", 503, self._retry_after_locked())
                 return Decision("error", cfg.fail_next_status)
             applies = not cfg.error_routes or route in cfg.error_routes
             if not applies:
@@ -273,6 +279,9 @@ class FaultInjector:
 
     def latency(self) -> float:
         return self._config.latency_s
+
+    def storage_latency(self) -> float:
+        return self._config.storage_latency_s
 
     def note_expired(self) -> None:
         with self._lock:

@@ -34,6 +34,12 @@ class Stats:
     api_auth_failures: int = 0
     responses_429: int = 0
     uploads_aborted: int = 0  # the client disconnected mid-body
+    # Arrival times (time.time()) of the last REQUEST_TIMES_MAX requests per
+    # route class: lets a test measure how long a client waited between tries.
+    request_times: dict[str, list[float]] = field(default_factory=dict)
+
+
+REQUEST_TIMES_MAX = 1000
 
 
 @dataclass

@@ -28,6 +28,7 @@ from starlette.types import ASGIApp
 from batchrun.emulator.apps import App, Outcome
 from batchrun.emulator.faults import FaultInjector, SlidingWindowLimiter
 from batchrun.emulator.records import (
+    REQUEST_TIMES_MAX,
     RunRecord,
     Stats,
     Upload,
@@ -84,6 +85,10 @@ class EmulatorState:
     def count_request(self, route: str) -> None:
         r = self.stats.requests_by_route
         r[route] = r.get(route, 0) + 1
+        times = self.stats.request_times.setdefault(route, [])
+        times.append(time.time())
+        if len(times) > REQUEST_TIMES_MAX:
+            del times[: len(times) - REQUEST_TIMES_MAX]
 
     def uploads_started(self) -> None:
         self.concurrent_uploads += 1
@@ -127,6 +132,7 @@ class EmulatorState:
             "faults_injected": dict(self.faults.injected),
             "responses_429": s.responses_429,
             "uploads_aborted": s.uploads_aborted,
+            "request_times": {k: list(v) for k, v in s.request_times.items()},
         }
 
     def reset_stats(self) -> None:

@@ -205,6 +205,9 @@ def build_storage_app(state: EmulatorState) -> ASGIApp:
                 return _error(
                     413, f"EntityTooLarge: uploads are limited to {UPLOAD_MAX_BYTES} bytes"
                 )
+            delay = state.faults.storage_latency()
+            if delay > 0:
+                await asyncio.sleep(delay)
             # Expiry is checked again once the body is in: a URL that expired
             # mid-transfer is refused as object storage would.
             problem = state.signer.check(
