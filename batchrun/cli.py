@@ -63,6 +63,12 @@ class Group(click.Group):
             _die(exc)
 
 
+def _json_text(obj: object) -> str:
+    """Indented for a person at a terminal; one line for a program (indent
+    forces json's pure-Python encoder: 0.3 s for a 10,000-run plan)."""
+    return json.dumps(obj, indent=2 if sys.stdout.isatty() else None)
+
+
 def manifest_arg(f: F) -> F:
     return click.argument(
         "manifest", type=click.Path(path_type=Path, dir_okay=False, exists=False)
@@ -139,7 +145,7 @@ def plan(
             sys.exit(1)
         raise
     if as_json:
-        click.echo(json.dumps(plan_to_json(planned.plan), indent=2))
+        click.echo(_json_text(plan_to_json(planned.plan)))
     else:
         click.echo(plan_text(planned.plan))
     if detailed_exitcode:
@@ -252,7 +258,7 @@ def status(manifest: Path, state_path: Path | None, as_json: bool) -> None:
     m, records = commands.status(manifest, commands.Overrides(state_path=state_path))
     rows = status_rows(m, records)
     if as_json:
-        click.echo(json.dumps({"runs": rows}, indent=2))
+        click.echo(_json_text({"runs": rows}))
     else:
         click.echo(status_text(rows))
 
