@@ -172,7 +172,7 @@ async def apply_async(
     seed: int | None = None,
 ) -> ApplyResult:
     """Apply under the state lock. `on_engine(engine)` lets a caller wire signals."""
-    from .engine import Engine, EngineSettings
+    from .engine import Engine, EngineSettings, nothing_to_do
 
     state_path = state_path_for(manifest, overrides)
     lock = StateLock(state_path, manifest=manifest.path)
@@ -181,6 +181,9 @@ async def apply_async(
         store = StateStore.open(state_path, manifest_identity(manifest.path), create=True)
         try:
             planned = plan_manifest(manifest, overrides, store)
+            if not planned.plan.summary.pending:
+                # No emulator to start, no API key needed, no request made.
+                return nothing_to_do(planned.plan, emit)
             settings = EngineSettings(
                 concurrency=manifest.concurrency,
                 transfers=manifest.transfers,
@@ -188,9 +191,7 @@ async def apply_async(
                 fail_fast=fail_fast,
                 seed=seed,
             )
-            # Nothing pending: no emulator to start and no API key needed.
-            endpoint = service(manifest, emit) if planned.plan.summary.pending else _no_service()
-            with endpoint as (url, key):
+            with service(manifest, emit) as (url, key):
                 async with clients(url, key, manifest) as (api, storage):
                     engine = Engine(
                         planned.plan, planned.facts, store, api, storage, settings, emit
@@ -202,12 +203,6 @@ async def apply_async(
             store.close()
     finally:
         lock.release()
-
-
-@contextlib.contextmanager
-def _no_service() -> Iterator[tuple[str, str]]:
-    # Nothing to do: no emulator, no key needed, and no request will be made.
-    yield "http://127.0.0.1:9", ""
 
 
 def apply(

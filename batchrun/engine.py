@@ -29,18 +29,20 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from . import crashpoints
-from .client import ApiClient, RunState
 from .errors import AmbiguousError, ApiError, AuthError, BatchrunError, DiskError, TransferError
 from .events import Event, Sink
 from .model import FileFacts, Limits, Plan, PlannedRun, RunRecord
 from .poller import Poller, PollGaveUp, RunLost
-from .retry import backoff_delay
 from .state import StateStore
 from .statewriter import StateWriter
-from .transfer import StorageClient
+
+if TYPE_CHECKING:
+    # Types only: an apply with nothing to do never loads the HTTP stack.
+    from .client import ApiClient, RunState
+    from .transfer import StorageClient
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +158,7 @@ class Engine:
         started = time.monotonic()
         self._collect_queue = asyncio.Queue()
         self._main = asyncio.current_task()
-        counts = Counter(p.action for p in self._plan.runs)
-        self._emit(Event("start", data={"runs": len(self._plan.runs), "actions": dict(counts)}))
+        self._emit(start_event(self._plan))
         try:
             await self._run_all()
         except asyncio.CancelledError:
@@ -179,7 +180,7 @@ class Engine:
         self._result.api_requests = self._api.stats()
         for p in self._plan.runs:
             self._result.outcomes.setdefault(p.spec.name, "unfinished")
-        self._emit(Event("done", data=self._summary()))
+        self._emit(Event("done", data=summary(self._result)))
         return self._result
 
     def interrupt(self) -> None:
@@ -197,8 +198,7 @@ class Engine:
         for p in self._plan.runs:
             rec = p.record
             if p.action == "unchanged":
-                self._result.outcomes[p.spec.name] = "unchanged"
-                self._emit(Event("skip", run=p.spec.name, message="unchanged"))
+                skip_unchanged(p, self._result, self._emit)
             elif p.action == "error":
                 self._fail_outcome(p.spec.name, p.reason or "cannot be planned")
             elif (
@@ -373,6 +373,8 @@ class Engine:
                 if found:
                     return await self._submitted(p, rec, found, adopted=True)
                 log.warning("run %s not found after a lost answer (try %d)", spec.name, attempt + 1)
+                from .retry import backoff_delay
+
                 await asyncio.sleep(backoff_delay(attempt, self._api.policy, self._rng))
                 continue
             except AuthError:
@@ -573,16 +575,39 @@ class Engine:
 
         return report
 
-    def _summary(self) -> dict[str, object]:
-        r = self._result
-        return {
-            "counts": r.counts(),
-            "failures": dict(sorted(r.errors.items())),
-            "fatal": r.fatal,
-            "interrupted": r.interrupted,
-            "in_flight": [{"run": n, "run_id": i} for n, i in r.in_flight],
-            "wall_s": round(r.wall_s, 3),
-            "bytes_uploaded": r.bytes_uploaded,
-            "bytes_downloaded": r.bytes_downloaded,
-            "api_requests": r.api_requests,
-        }
+
+def start_event(plan: Plan) -> Event:
+    counts = Counter(p.action for p in plan.runs)
+    return Event("start", data={"runs": len(plan.runs), "actions": dict(counts)})
+
+
+def skip_unchanged(p: PlannedRun, result: ApplyResult, emit: Sink) -> None:
+    result.outcomes[p.spec.name] = "unchanged"
+    emit(Event("skip", run=p.spec.name, message="unchanged"))
+
+
+def nothing_to_do(plan: Plan, emit: Sink) -> ApplyResult:
+    """Apply of a plan with nothing pending: no service, no HTTP stack, no state writes."""
+    started = time.monotonic()
+    result = ApplyResult()
+    emit(start_event(plan))
+    for p in plan.runs:
+        skip_unchanged(p, result, emit)
+    result.wall_s = time.monotonic() - started
+    emit(Event("done", data=summary(result)))
+    return result
+
+
+def summary(r: ApplyResult) -> dict[str, object]:
+    """The `done` event's data (docs/events.md)."""
+    return {
+        "counts": r.counts(),
+        "failures": dict(sorted(r.errors.items())),
+        "fatal": r.fatal,
+        "interrupted": r.interrupted,
+        "in_flight": [{"run": n, "run_id": i} for n, i in r.in_flight],
+        "wall_s": round(r.wall_s, 3),
+        "bytes_uploaded": r.bytes_uploaded,
+        "bytes_downloaded": r.bytes_downloaded,
+        "api_requests": r.api_requests,
+    }

@@ -9,9 +9,10 @@ import random
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from .client import ApiClient, RunState
+if TYPE_CHECKING:
+    from .client import ApiClient, RunState
 from .errors import ApiError, AuthError
 
 log = logging.getLogger(__name__)
