@@ -87,7 +87,12 @@ def plan_manifest(
     identity = manifest_identity(manifest.path)
     records = store.records() if store else StateStore.read_only(state_path, identity)
     cache = HashCache.load(default_cache_path(manifest.path))
-    facts = gather_facts(manifest.runs, cache, manifest.limits)
+    try:
+        facts = gather_facts(manifest.runs, cache, manifest.limits)
+    except OSError as exc:  # an input vanished between validation and planning
+        raise UsageError(
+            f"cannot read input {exc.filename}: {exc.strerror or exc} (check it and run again)"
+        ) from exc
     outputs = output_facts(records, cache)
     plan = make_plan(manifest.runs, facts, records, outputs, manifest.limits)
     with contextlib.suppress(OSError):  # the cache only saves time; never fail a plan over it

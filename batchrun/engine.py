@@ -295,6 +295,11 @@ class Engine:
                     raise
                 self._unfinished(p.spec.name, str(exc))
                 return
+            except OSError as exc:  # the input went away or became unreadable since the plan
+                self._unfinished(
+                    p.spec.name, f"cannot read input {p.spec.input_display}: {exc.strerror or exc}"
+                )
+                return
             await self._collect_queue.put((p, rec, state))
             return
         self._unfinished(p.spec.name, "the service lost this run twice")

@@ -209,3 +209,35 @@ def test_large_upload_keeps_apply_memory_flat(tmp_path: Path, emulator: Any) -> 
     out = json.loads((tmp_path / "out" / "big.json").read_text())
     assert out["input_bytes"] == size
     assert os.path.getsize(big) == size
+
+
+def test_input_vanishing_after_validation(tmp_path: Path, emulator: Any) -> None:
+    """An input deleted after validation: a clear error at planning, and a run-level
+    `unfinished` (not a crash) when it goes between planning and sending."""
+    import asyncio
+
+    from batchrun import commands
+    from batchrun.errors import UsageError
+
+    write_json(tmp_path / "a.json", {"a": 1})
+    b = write_json(tmp_path / "b.json", {"b": 2})
+    m = write_manifest(
+        tmp_path,
+        emulator.api_url,
+        [{"name": "a", "input": "a.json"}, {"name": "b", "input": "b.json"}],
+    )
+    manifest = commands.validate(m)
+    b.unlink()
+    with pytest.raises(UsageError, match=r"cannot read input .*b\.json"):
+        commands.plan_manifest(manifest, commands.Overrides())
+    write_json(b, {"b": 2})
+    os.environ["BATCHRUN_TEST_KEY"] = emulator.api_key
+    try:
+        result = asyncio.run(
+            commands.apply_async(manifest, commands.Overrides(), on_engine=lambda _: b.unlink())
+        )
+    finally:
+        del os.environ["BATCHRUN_TEST_KEY"]
+    assert result.outcomes == {"a": "collected", "b": "unfinished"}
+    assert "cannot read input b.json" in result.errors["b"]
+    assert emulator.stats()["runs_created_by_name"] == {"a": 1}
