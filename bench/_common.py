@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,6 +183,16 @@ def done_summary(m: Measured) -> dict[str, Any]:
 
 
 # -- inputs, manifests, checks -------------------------------------------------
+
+
+def run_main(main: Callable[[], int]) -> None:
+    """A benchmark script's entry: a wrong result is exit 1 with one line, a
+    missed target is not (the script printed MISSED with its figure)."""
+    try:
+        sys.exit(main())
+    except BenchError as exc:
+        print(f"WRONG RESULT: {exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 class BenchError(Exception):

@@ -26,6 +26,7 @@ from _common import (
     emulator,
     make_inputs,
     print_table,
+    run_main,
     save_results,
     verdict,
 )
@@ -98,8 +99,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as exc:
-        print(f"WRONG RESULT: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main)

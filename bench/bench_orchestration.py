@@ -32,6 +32,7 @@ from _common import (
     emulator,
     make_inputs,
     print_table,
+    run_main,
     run_measured,
     save_results,
     verdict,
@@ -176,8 +177,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as exc:
-        print(f"WRONG RESULT: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main)

@@ -16,12 +16,12 @@ import tempfile
 from pathlib import Path
 
 from _common import (
-    BenchError,
     Figure,
     apply_once,
     emulator,
     make_inputs,
     print_table,
+    run_main,
     save_results,
     verdict,
 )
@@ -77,8 +77,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as exc:
-        print(f"WRONG RESULT: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main)

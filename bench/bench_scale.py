@@ -15,12 +15,12 @@ from typing import Any
 
 from _common import (
     HIGH_LIMITS,
-    BenchError,
     Figure,
     apply_once,
     emulator,
     make_inputs,
     print_table,
+    run_main,
     save_results,
     verdict,
 )
@@ -95,8 +95,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as exc:
-        print(f"WRONG RESULT: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main)

@@ -33,6 +33,7 @@ from _common import (
     check_apply,
     emulator,
     print_table,
+    run_main,
     run_measured,
     save_results,
     verdict,
@@ -183,8 +184,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as exc:
-        print(f"WRONG RESULT: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main)
