@@ -153,17 +153,22 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 def build_storage_app(state: EmulatorState) -> ASGIApp:
-    async def upload(request: Request) -> Response:
-        upload_id = request.path_params["upload_id"]
-        state.count_request("upload")
+    def admit(request: Request, route: str, method: str) -> str:
+        """Count the request (and any Authorization header: storage must never
+        see one), then check the presigned signature and expiry."""
+        state.count_request(route)
         if "authorization" in request.headers:
             state.stats.storage_auth_headers += 1
-        problem = state.signer.check(
-            "PUT",
+        return state.signer.check(
+            method,
             request.url.path,
             request.query_params.get("expires", ""),
             request.query_params.get("sig", ""),
         )
+
+    async def upload(request: Request) -> Response:
+        upload_id = request.path_params["upload_id"]
+        problem = admit(request, "upload", "PUT")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > UPLOAD_MAX_BYTES:
             return _error(413, f"EntityTooLarge: uploads are limited to {UPLOAD_MAX_BYTES} bytes")
@@ -236,15 +241,7 @@ def build_storage_app(state: EmulatorState) -> ASGIApp:
 
     async def download(request: Request) -> Response:
         run_id = request.path_params["run_id"]
-        state.count_request("download")
-        if "authorization" in request.headers:
-            state.stats.storage_auth_headers += 1
-        problem = state.signer.check(
-            "GET",
-            request.url.path,
-            request.query_params.get("expires", ""),
-            request.query_params.get("sig", ""),
-        )
+        problem = admit(request, "download", "GET")
         if problem == "bad":
             return _error(403, "SignatureDoesNotMatch: the request signature is invalid")
         if problem == "expired":
