@@ -409,17 +409,6 @@ class ApiClient:
             raise ApiError(f"GET {path}: answer is not an object", status=response.status_code)
         return _parse_run_state(run_id, data)
 
-    async def run_metadata(self, app: str, run_id: str) -> RunState:
-        """GET /runs/{id}/metadata: like run_state without the output URL."""
-        path = self._runs_path(app, run_id, "metadata")
-        response = await self._request(
-            "GET", path, kind="run_metadata", idempotent=True, limiter=self.results_limiter
-        )
-        data = self._json(response, f"GET {path}")
-        if not isinstance(data, dict):
-            raise ApiError(f"GET {path}: answer is not an object", status=response.status_code)
-        return _parse_run_state(run_id, data)
-
     async def list_runs(
         self, app: str, *, page_token: str | None = None
     ) -> tuple[list[ListedRun], str | None]:

@@ -201,11 +201,7 @@ class Engine:
                 skip_unchanged(p, self._result, self._emit)
             elif p.action == "error":
                 self._fail_outcome(p.spec.name, p.reason or "cannot be planned")
-            elif (
-                p.action == "collect"
-                and rec is not None
-                and rec.phase in ("succeeded", "collected")
-            ):
+            elif p.action == "collect" and rec is not None and rec.phase in COLLECTABLE:
                 self._collect_queue.put_nowait((p, rec, None))
             else:
                 drive.append(p)

@@ -31,8 +31,6 @@ Phase = Literal[
 """The run state machine (design.md):
 planned → uploading → uploaded → submitting → submitted → succeeded|failed|canceled → collected."""
 
-FINAL_PHASES: frozenset[Phase] = frozenset({"failed", "canceled", "collected"})
-
 DEFAULT_ENDPOINT = "https://api.cloud.nextmv.io"
 EMBEDDED_ENDPOINT = "embedded"
 DEFAULT_API_KEY_ENV = "NEXTMV_API_KEY"

@@ -168,35 +168,6 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(dest: Path, data: bytes) -> tuple[int, str]:
-    """Write `data` to `dest` atomically and durably; returns (size, sha256 hex)."""
-    _check_dest(dest)
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _TempFile(dest)
-    except OSError as exc:
-        raise _disk_error(exc, dest.parent, len(data)) from exc
-    try:
-        tmp.write(data)
-        tmp.commit()
-    except OSError as exc:
-        tmp.discard()
-        raise _disk_error(exc, dest.parent, len(data)) from exc
-    except BaseException:
-        tmp.discard()
-        raise
-    return tmp.size, tmp.sha.hexdigest()
-
-
-def file_sha256(path: Path, *, chunk_bytes: int = 1 << 20) -> str:
-    """The sha256 hex of a file, read in chunks."""
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            sha.update(chunk)
-    return sha.hexdigest()
-
-
 class StorageClient:
     """Uploads and downloads against presigned URLs (no Authorization, no redirects)."""
 

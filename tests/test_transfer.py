@@ -24,8 +24,6 @@ from batchrun.retry import RetryPolicy
 from batchrun.transfer import (
     StorageClient,
     _TempFile,
-    atomic_write_bytes,
-    file_sha256,
     redact_url,
 )
 
@@ -324,8 +322,6 @@ def test_disk_full_is_a_disk_error(
         _download(storage, dest)
     assert str(tmp_path) in str(info.value) and "5,000" in str(info.value)
     assert len(storage.seen) == 1  # a full disk is not retried
-    with pytest.raises(DiskError, match="no space"):
-        atomic_write_bytes(dest, b"abc")
     assert not dest.exists() and leftovers(tmp_path) == []
 
 
@@ -338,22 +334,3 @@ def test_logs_never_hold_signatures(
     _download(storage, tmp_path / "o.json")
     assert "HTTP Request" in caplog.text and "retry" in caplog.text
     no_sig(caplog.text)
-
-
-# -- small files ----------------------------------------------------------------
-
-
-def test_atomic_write_and_sha(tmp_path: Path) -> None:
-    dest = tmp_path / "a" / "b.json"
-    size, sha = atomic_write_bytes(dest, b"hello")
-    assert (size, sha) == (5, hashlib.sha256(b"hello").hexdigest())
-    assert dest.read_bytes() == b"hello" and file_sha256(dest) == sha
-    atomic_write_bytes(dest, b"again")
-    assert dest.read_bytes() == b"again" and leftovers(dest.parent) == []
-    target = tmp_path / "t"
-    target.write_bytes(b"keep")
-    link = tmp_path / "l"
-    link.symlink_to(target)
-    with pytest.raises(DiskError):
-        atomic_write_bytes(link, b"evil")
-    assert target.read_bytes() == b"keep"

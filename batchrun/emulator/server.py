@@ -41,7 +41,6 @@ from batchrun.errors import UsageError
 MAX_RUN_SIZE = 5 * 1024 * 1024  # the SDK's _MAX_RUN_SIZE, compared with ">"
 CREATE_BODY_CAP = 64 * 1024 * 1024  # bodies above this are refused unread
 PAGE_SIZE = 50
-FINAL = frozenset({"succeeded", "failed", "canceled"})
 JSON_CHECK_MAX = 64 * 1024 * 1024  # larger outputs are classified by their first byte
 
 
