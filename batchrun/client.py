@@ -31,6 +31,7 @@ from urllib.parse import quote
 import httpx
 
 from batchrun.errors import AmbiguousError, ApiError, AuthError
+from batchrun.httppool import HttpPool
 from batchrun.model import Limits
 from batchrun.pacing import RateLimiter
 from batchrun.retry import RetryBudget, RetryPolicy, call_with_retry, parse_retry_after, scrub
@@ -181,12 +182,7 @@ class ApiClient:
         self._auth = f"Bearer {api_key}" if api_key else None
         self.policy = policy
         self.budget = RetryBudget(policy.budget)
-        self._client = httpx.AsyncClient(
-            timeout=timeout,
-            limits=httpx.Limits(max_connections=max_connections),
-            follow_redirects=False,
-            transport=transport,
-        )
+        self._http = HttpPool(timeout=timeout, max_connections=max_connections, transport=transport)
         self.runs_limiter = RateLimiter(limits.runs_per_second, 1.0)
         self.results_limiter = RateLimiter(limits.results_per_10s, 10.0)
         self.requests_limiter = RateLimiter(requests_per_minute, 60.0)
@@ -196,7 +192,7 @@ class ApiClient:
         return f"ApiClient({redact_url(str(self._base))})"
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._http.aclose()
 
     async def __aenter__(self) -> ApiClient:
         return self
@@ -257,10 +253,10 @@ class ApiClient:
                     headers["Content-Type"] = "application/json"
                 if self._auth is not None and self._same_origin(url):
                     headers["Authorization"] = self._auth
-                request = self._client.build_request(method, url, content=content, headers=headers)
+                request = self._http.request(method, url, content=content, headers=headers)
                 self._stats["requests"] += 1
                 self._stats[f"requests_{kind}"] += 1
-                response = await self._client.send(request)
+                response = await self._http.send(request)
                 if response.status_code == 429:
                     self._stats["responses_429"] += 1
                 if not idempotent and response.status_code >= 500 and limiter is not None:

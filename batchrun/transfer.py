@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from batchrun.errors import ApiError, DiskError, TransferError
+from batchrun.httppool import HttpPool
 from batchrun.retry import (
     RetryBudget,
     RetryPolicy,
@@ -183,12 +184,7 @@ class StorageClient:
         self.policy = policy
         self.budget = RetryBudget(policy.budget)
         self.chunk_bytes = chunk_bytes
-        self._client = httpx.AsyncClient(
-            timeout=timeout,
-            limits=httpx.Limits(max_connections=max_connections),
-            follow_redirects=False,
-            transport=transport,
-        )
+        self._http = HttpPool(timeout=timeout, max_connections=max_connections, transport=transport)
         self.bytes_up = 0
         self.bytes_down = 0
 
@@ -196,7 +192,7 @@ class StorageClient:
         return f"StorageClient(retries={self.budget.spent})"
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._http.aclose()
 
     async def __aenter__(self) -> StorageClient:
         return self
@@ -249,10 +245,10 @@ class StorageClient:
         headers = {"Content-Length": str(size), "Content-Type": _content_type(path)}
 
         async def send() -> httpx.Response:
-            request = self._client.build_request(
+            request = self._http.request(
                 "PUT", url, content=self._chunks(path, size, on_progress), headers=headers
             )
-            response = await self._client.send(request, stream=True)
+            response = await self._http.send(request, stream=True)
             try:
                 await _read_bounded(response)
             finally:
@@ -311,10 +307,8 @@ class StorageClient:
 
         async def send() -> httpx.Response:
             # identity: Content-Length then counts the bytes we write.
-            request = self._client.build_request(
-                "GET", url, headers={"Accept-Encoding": "identity"}
-            )
-            response = await self._client.send(request, stream=True)
+            request = self._http.request("GET", url, headers={"Accept-Encoding": "identity"})
+            response = await self._http.send(request, stream=True)
             try:
                 if response.status_code != 200:
                     await _read_bounded(response)

@@ -1,0 +1,290 @@
+"""batchrun's HTTP layer (httppool + netbackend) against real loopback servers.
+
+The servers here are raw asyncio sockets speaking HTTP/1.1 by hand, so each
+test controls exactly what a server does: keep a connection, close it while
+idle, never answer, stream a large body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import httpcore
+import httpx
+import pytest
+
+from batchrun.client import ApiClient
+from batchrun.httppool import HttpPool, LeanConnectionPool, _proxy_for
+from batchrun.model import Limits
+from batchrun.netbackend import READ_HIGH_WATER, AsyncioBackend
+from batchrun.transfer import StorageClient
+
+TIMEOUT = httpx.Timeout(5.0)
+
+
+def aio(fn: Callable[[], Awaitable[None]]) -> Callable[[], None]:
+    @functools.wraps(fn)
+    def run() -> None:
+        asyncio.run(fn())
+
+    return run
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, dict[str, Any]], Awaitable[bool]]
+
+
+async def _read_request(reader: asyncio.StreamReader) -> tuple[str, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        if ":" in line:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip()
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return lines[0], body
+
+
+def _response(body: bytes, status: str = "200 OK") -> bytes:
+    return f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+class Server:
+    """A loopback HTTP/1.1 server; `handler` answers one request, returns keep-alive."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.open_now = 0
+        self.peak_open = 0
+        self.requests: list[str] = []
+        self.state: dict[str, Any] = {}
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Server:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        port = self._server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.open_now += 1
+        self.peak_open = max(self.peak_open, self.open_now)
+        try:
+            while True:
+                try:
+                    line, body = await _read_request(reader)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                self.requests.append(line)
+                self.state["body"] = body
+                if not await self.handler(reader, writer, self.state):
+                    return
+        finally:
+            self.open_now -= 1
+            writer.close()
+
+
+async def ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, s: dict[str, Any]) -> bool:
+    writer.write(_response(b'{"ok":true}'))
+    await writer.drain()
+    return True
+
+
+def pool(max_connections: int = 8) -> HttpPool:
+    return HttpPool(timeout=TIMEOUT, max_connections=max_connections)
+
+
+@aio
+async def test_keep_alive_reuses_one_connection() -> None:
+    async with Server(ok) as server:
+        http = pool()
+        for _ in range(20):
+            r = await http.send(http.request("GET", server.url + "/x"))
+            assert r.status_code == 200 and r.json() == {"ok": True}
+        await http.aclose()
+    assert server.connections == 1
+    assert len(server.requests) == 20
+
+
+@aio
+async def test_concurrency_bounded_by_max_connections() -> None:
+    async def slow(r: asyncio.StreamReader, w: asyncio.StreamWriter, s: dict[str, Any]) -> bool:
+        await asyncio.sleep(0.02)
+        return await ok(r, w, s)
+
+    async with Server(slow) as server:
+        http = pool(max_connections=4)
+        rs = await asyncio.gather(
+            *(http.send(http.request("GET", f"{server.url}/{i}")) for i in range(40))
+        )
+        await http.aclose()
+    assert [r.status_code for r in rs] == [200] * 40
+    assert server.peak_open <= 4
+    assert server.connections == 4  # kept alive and reused, never reconnected
+
+
+@aio
+async def test_connection_closed_by_server_while_idle_is_not_reused() -> None:
+    """A POST must not be sent on a connection the server already closed: it would fail
+    ambiguously (create-run can't be resent blindly). The idle probe sees the close."""
+
+    async def once(r: asyncio.StreamReader, w: asyncio.StreamWriter, s: dict[str, Any]) -> bool:
+        await ok(r, w, s)
+        return False  # close after each answer, without saying Connection: close
+
+    async with Server(once) as server:
+        http = pool()
+        for i in range(5):
+            r = await http.send(http.request("POST", f"{server.url}/runs", content=b"{}"))
+            assert r.status_code == 200, i
+            await asyncio.sleep(0.05)  # the server's FIN arrives while idle
+        await http.aclose()
+    assert server.connections == 5
+
+
+@aio
+async def test_read_timeout_when_server_never_answers() -> None:
+    async def mute(r: asyncio.StreamReader, w: asyncio.StreamWriter, s: dict[str, Any]) -> bool:
+        await asyncio.sleep(30)
+        return False
+
+    async with Server(mute) as server:
+        http = HttpPool(timeout=httpx.Timeout(5.0, read=0.3), max_connections=2)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(httpx.ReadTimeout):
+            await http.send(http.request("GET", server.url))
+        assert 0.25 < loop.time() - start < 3
+        await http.aclose()
+
+
+@aio
+async def test_connect_refused_is_connect_error() -> None:
+    async with Server(ok) as server:
+        url = server.url
+    http = pool()
+    with pytest.raises(httpx.ConnectError):
+        await http.send(http.request("GET", url))
+    await http.aclose()
+
+
+@aio
+async def test_large_streamed_download_with_slow_reader() -> None:
+    size = 24 << 20
+    block = os.urandom(1 << 20)
+
+    async def big(r: asyncio.StreamReader, w: asyncio.StreamWriter, s: dict[str, Any]) -> bool:
+        w.write(f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\n\r\n".encode())
+        for _ in range(size // len(block)):
+            w.write(block)
+            await w.drain()
+        return True
+
+    async with Server(big) as server:
+        http = pool()
+        response = await http.send(http.request("GET", server.url), stream=True)
+        digest = hashlib.sha256()
+        got = 0
+        async for chunk in response.aiter_raw():
+            digest.update(chunk)
+            got += len(chunk)
+            await asyncio.sleep(0.001)  # slower than loopback: reading must pause
+        await response.aclose()
+        await http.aclose()
+    assert got == size
+    assert digest.hexdigest() == hashlib.sha256(block * (size // len(block))).hexdigest()
+
+
+@aio
+async def test_reading_pauses_above_high_water() -> None:
+    """The protocol buffers at most ~READ_HIGH_WATER (+ one socket read) unread bytes."""
+    size = 16 << 20
+    block = b"x" * (1 << 20)
+
+    async def big(r: asyncio.StreamReader, w: asyncio.StreamWriter, s: dict[str, Any]) -> bool:
+        w.write(f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\n\r\n".encode())
+        for _ in range(size // len(block)):
+            w.write(block)
+            await w.drain()
+        return True
+
+    async with Server(big) as server:
+        backend = AsyncioBackend()
+        port = int(server.url.rsplit(":", 1)[1])
+        stream = await backend.connect_tcp("127.0.0.1", port, timeout=5)
+        await stream.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", timeout=5)
+        await asyncio.sleep(0.5)  # the server writes as fast as it may; nobody reads
+        protocol = stream._p  # type: ignore[attr-defined]
+        assert protocol.reading_paused
+        assert READ_HIGH_WATER < protocol.buffered <= READ_HIGH_WATER + (1 << 20)
+        total = 0
+        while total < size:
+            data = await stream.read(65536, timeout=5)
+            assert data
+            total += len(data)
+        await stream.aclose()
+    assert total >= size
+
+
+@aio
+async def test_streamed_upload_body_arrives_whole() -> None:
+    async with Server(ok) as server:
+        http = pool()
+        parts = [os.urandom(1 << 20) for _ in range(8)]
+
+        async def body() -> AsyncIterator[bytes]:
+            for p in parts:
+                yield p
+
+        size = str(sum(map(len, parts)))
+        req = http.request(
+            "PUT", server.url + "/up", content=body(), headers={"Content-Length": size}
+        )
+        r = await http.send(req)
+        await http.aclose()
+    assert r.status_code == 200
+    assert server.state["body"] == b"".join(parts)
+
+
+@aio
+async def test_clients_use_the_lean_pool_and_asyncio_backend() -> None:
+    """Fails if an httpx/httpcore upgrade stops batchrun's pool from being installed."""
+    async with Server(ok) as server:
+        api = ApiClient(server.url, "k", limits=Limits())
+        storage = StorageClient()
+        for http in (api._http, storage._http):
+            transport = http._transport_for(httpx.URL(server.url))
+            inner = transport._pool  # type: ignore[attr-defined]
+            assert isinstance(inner, LeanConnectionPool)
+            assert isinstance(inner._network_backend, AsyncioBackend)
+            assert isinstance(inner, httpcore.AsyncConnectionPool)
+        await api.aclose()
+        await storage.aclose()
+
+
+def test_environment_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.corp:3128")
+    monkeypatch.setenv("NO_PROXY", "internal.corp")
+    assert _proxy_for(httpx.URL("https://api.cloud.nextmv.io/v1")) == "http://proxy.corp:3128"
+    assert _proxy_for(httpx.URL("http://api.cloud.nextmv.io/v1")) is None  # no HTTP_PROXY
+    assert _proxy_for(httpx.URL("https://x.internal.corp/")) is None
+    assert _proxy_for(httpx.URL("https://127.0.0.1:8080/")) is None  # loopback: never
+    assert _proxy_for(httpx.URL("https://localhost:8080/")) is None
