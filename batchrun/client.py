@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import httpx
 
@@ -179,6 +179,7 @@ class ApiClient:
         if self._base.scheme not in _DEFAULT_PORTS or not self._base.host:
             raise ValueError(f"API base URL must be http(s)://host[:port]: {redact_url(base_url)}")
         self._origin = _origin(self._base)
+        self._prefix = str(self._base.copy_with(query=None, fragment=None)).rstrip("/")
         self._auth = f"Bearer {api_key}" if api_key else None
         self.policy = policy
         self.budget = RetryBudget(policy.budget)
@@ -221,8 +222,12 @@ class ApiClient:
     def _same_origin(self, url: httpx.URL) -> bool:
         return _origin(url) == self._origin
 
-    def _url(self, path: str) -> httpx.URL:
-        return self._base.copy_with(path=self._base.path.rstrip("/") + path)
+    def _url(self, path: str, params: Mapping[str, str] | None = None) -> httpx.URL:
+        # One parse per request: httpx's copy_with/copy_merge_params parse again each.
+        text = self._prefix + path
+        if params:
+            text += "?" + urlencode(params, quote_via=quote)
+        return httpx.URL(text)
 
     async def _request(
         self,
@@ -235,9 +240,7 @@ class ApiClient:
         content: bytes | None = None,
         limiter: RateLimiter | None = None,
     ) -> httpx.Response:
-        start = self._url(path)
-        if params:
-            start = start.copy_merge_params(dict(params))
+        start = self._url(path, params)
         what = f"{method} {start.path}"
         refused: list[httpx.URL] = []
 

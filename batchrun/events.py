@@ -68,10 +68,13 @@ class JsonLinesRenderer:
         if event.type == "progress":
             return  # byte counts go in the phase events; per-chunk lines would flood pipes
         self._stream.write(event.to_json() + "\n")
-        self._stream.flush()
+        if event.type != "skip":
+            # Skips come in one burst at the start (10,000 of them on a resumed
+            # batch): the next event, at most a moment later, flushes them.
+            self._stream.flush()
 
     def close(self) -> None:
-        pass
+        self._stream.flush()
 
 
 class PlainRenderer:
@@ -89,10 +92,11 @@ class PlainRenderer:
         if event.message:
             text += f" ({event.message})"
         self._stream.write(text + "\n")
-        self._stream.flush()
+        if event.type != "skip":  # as in JsonLinesRenderer
+            self._stream.flush()
 
     def close(self) -> None:
-        pass
+        self._stream.flush()
 
 
 class LiveRenderer:

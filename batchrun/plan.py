@@ -8,6 +8,7 @@ limits); all file reading happens before it, in `gather_facts` and
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -90,10 +91,16 @@ class HashCache:
             cache.entries = {}
         return cache
 
-    def facts(self, path: Path, *, direct_limit: int) -> FileFacts:
-        """Facts of a regular file; a cache hit only stats it. OSError if unreadable."""
-        key = os.path.abspath(path)
-        st = os.stat(key)
+    def facts(
+        self, path: Path | str, *, direct_limit: int, st: os.stat_result | None = None
+    ) -> FileFacts:
+        """Facts of a regular file; a cache hit only stats it (or uses `st`, taken by
+        the caller just before). OSError if unreadable."""
+        key = os.fspath(path)
+        if not os.path.isabs(key):
+            key = os.path.abspath(key)
+        if st is None:
+            st = os.stat(key)
         parse_bound = direct_limit * PARSE_FACTOR
         entry = self.entries.get(key)
         if (
@@ -205,16 +212,40 @@ def output_facts(records: Mapping[str, RunRecord], cache: HashCache) -> dict[str
                 out[name] = None
                 continue
             # direct_limit=0: outputs are never sent, so never parse them.
-            out[name] = cache.facts(Path(record.output_path), direct_limit=0)
+            out[name] = cache.facts(record.output_path, direct_limit=0, st=st)
         except OSError:
             out[name] = None
     return out
 
 
 def fingerprint(spec: RunSpec, facts: FileFacts) -> str:
-    """What makes a run the same run: input content, app, instance and options."""
+    """What makes a run the same run: input content, app, instance and options.
+
+    sha256 of the compact, ASCII JSON of
+    ["batchrun-fingerprint-v1", input sha256, app, instance, sorted options].
+    Recorded in state files: the formula never changes within a version tag.
+    """
+    sha = facts.sha256
+    if not (sha.isascii() and sha.isalnum()):  # not hex: let json quote it
+        return _fingerprint_slow(spec, sha)
+    canonical = _FP_HEAD + sha + _fingerprint_tail(spec.app, spec.instance, spec.options)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+_FP_HEAD = '["batchrun-fingerprint-v1","'
+
+
+@functools.lru_cache(maxsize=1024)
+def _fingerprint_tail(app: str, instance: str, options: tuple[tuple[str, str], ...]) -> str:
+    # What json.dumps writes after the (hex, so unescaped) input hash: one
+    # encoding per distinct (app, instance, options), not one per run.
+    rest = json.dumps([app, instance, sorted(options)], separators=(",", ":"), ensure_ascii=True)
+    return '",' + rest[1:]
+
+
+def _fingerprint_slow(spec: RunSpec, sha: str) -> str:
     canonical = json.dumps(
-        ["batchrun-fingerprint-v1", facts.sha256, spec.app, spec.instance, sorted(spec.options)],
+        ["batchrun-fingerprint-v1", sha, spec.app, spec.instance, sorted(spec.options)],
         separators=(",", ":"),
         ensure_ascii=True,
     )

@@ -144,6 +144,28 @@ def test_fingerprint_is_stable_and_sensitive() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("app", "instance", "options"),
+    [
+        ("app", "latest", ()),
+        ('q"uote\\', "é-ünïcode", (("k\n", 'v"'), ("a", "\u2028"))),
+        ("🚀", "in\tst", (("z", ""), ("", "x"))),
+    ],
+)
+def test_fingerprint_is_the_documented_formula(
+    app: str, instance: str, options: tuple[tuple[str, str], ...]
+) -> None:
+    """State files hold fingerprints: the fast path must equal the formula byte for byte."""
+    f = facts_of(b'{"a": 1}')
+    canonical = json.dumps(
+        ["batchrun-fingerprint-v1", f.sha256, app, instance, sorted(options)],
+        separators=(",", ":"),
+        ensure_ascii=True,
+    )
+    want = hashlib.sha256(canonical.encode("ascii")).hexdigest()
+    assert fingerprint(spec(app=app, instance=instance, options=options), f) == want
+
+
 # -- hash cache ----------------------------------------------------------------------
 
 
