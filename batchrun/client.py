@@ -18,10 +18,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-import sys
 from collections import Counter
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -36,13 +34,6 @@ from batchrun.model import Limits
 from batchrun.pacing import RateLimiter
 from batchrun.retry import RetryBudget, RetryPolicy, call_with_retry, parse_retry_after, scrub
 from batchrun.transfer import redact_url
-
-# httpcore runs `import sniffio` for every lock and event of every request. Where
-# sniffio is not installed (recent anyio does not need it) each of those imports
-# failed anew, a search of sys.path: ~13% of apply's CPU. A None entry makes the
-# miss instant; httpcore then takes asyncio, which is what batchrun runs on.
-if importlib.util.find_spec("sniffio") is None:
-    sys.modules["sniffio"] = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 

@@ -59,19 +59,46 @@ def discard(event: Event) -> None:
 
 
 class JsonLinesRenderer:
-    """`--json`: one JSON object per event on stdout, flushed, for programs."""
+    """`--json`: one JSON object per event on stdout, for programs.
+
+    Lines reach the reader within FLUSH_INTERVAL_S: while an event loop runs,
+    one flush per interval covers every event written in it (a batch at 200
+    runs/s writes ~1,000 events/s; a write syscall each was ~5% of apply's
+    CPU). `start`, `warning`, `interrupt` and `done` are flushed at once.
+    """
+
+    FLUSH_INTERVAL_S = 0.1
+    _URGENT = frozenset({"start", "warning", "interrupt", "done"})
 
     def __init__(self, stream: IO[str] | None = None) -> None:
         self._stream = stream or sys.stdout
+        self._flush_scheduled = False
 
     def __call__(self, event: Event) -> None:
         if event.type == "progress":
             return  # byte counts go in the phase events; per-chunk lines would flood pipes
         self._stream.write(event.to_json() + "\n")
-        if event.type != "skip":
-            # Skips come in one burst at the start (10,000 of them on a resumed
-            # batch): the next event, at most a moment later, flushes them.
+        if event.type in self._URGENT or not self._schedule_flush():
             self._stream.flush()
+
+    def _schedule_flush(self) -> bool:
+        if self._flush_scheduled:
+            return True
+        # No asyncio imported (plan, validate): no loop can be running.
+        aio = sys.modules.get("asyncio")
+        if aio is None:
+            return False
+        try:
+            loop = aio.get_running_loop()
+        except RuntimeError:
+            return False
+        self._flush_scheduled = True
+        loop.call_later(self.FLUSH_INTERVAL_S, self._flush)
+        return True
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        self._stream.flush()
 
     def close(self) -> None:
         self._stream.flush()

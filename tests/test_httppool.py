@@ -1,4 +1,4 @@
-"""batchrun's HTTP layer (httppool + netbackend) against real loopback servers.
+"""batchrun's HTTP layer (httppool + http11) against real loopback servers.
 
 The servers here are raw asyncio sockets speaking HTTP/1.1 by hand, so each
 test controls exactly what a server does: keep a connection, close it while
@@ -14,14 +14,13 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import httpcore
 import httpx
 import pytest
 
 from batchrun.client import ApiClient
-from batchrun.httppool import HttpPool, LeanConnectionPool, _proxy_for
+from batchrun.http11 import READ_HIGH_WATER, Http11Transport
+from batchrun.httppool import HttpPool, _proxy_for
 from batchrun.model import Limits
-from batchrun.netbackend import READ_HIGH_WATER, AsyncioBackend
 from batchrun.transfer import StorageClient
 
 TIMEOUT = httpx.Timeout(5.0)
@@ -212,7 +211,7 @@ async def test_large_streamed_download_with_slow_reader() -> None:
 
 @aio
 async def test_reading_pauses_above_high_water() -> None:
-    """The protocol buffers at most ~READ_HIGH_WATER (+ one socket read) unread bytes."""
+    """A body nobody reads buffers at most ~READ_HIGH_WATER (+ one socket read)."""
     size = 16 << 20
     block = b"x" * (1 << 20)
 
@@ -224,21 +223,18 @@ async def test_reading_pauses_above_high_water() -> None:
         return True
 
     async with Server(big) as server:
-        backend = AsyncioBackend()
-        port = int(server.url.rsplit(":", 1)[1])
-        stream = await backend.connect_tcp("127.0.0.1", port, timeout=5)
-        await stream.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", timeout=5)
+        http = pool()
+        response = await http.send(http.request("GET", server.url), stream=True)
         await asyncio.sleep(0.5)  # the server writes as fast as it may; nobody reads
-        protocol = stream._p  # type: ignore[attr-defined]
-        assert protocol.reading_paused
-        assert READ_HIGH_WATER < protocol.buffered <= READ_HIGH_WATER + (1 << 20)
+        conn = response.stream._conn  # type: ignore[attr-defined]
+        assert conn.reading_paused
+        assert READ_HIGH_WATER < len(conn.buffer) <= READ_HIGH_WATER + (1 << 20)
         total = 0
-        while total < size:
-            data = await stream.read(65536, timeout=5)
-            assert data
-            total += len(data)
-        await stream.aclose()
-    assert total >= size
+        async for chunk in response.aiter_raw():
+            total += len(chunk)
+        await response.aclose()
+        await http.aclose()
+    assert total == size
 
 
 @aio
@@ -262,17 +258,12 @@ async def test_streamed_upload_body_arrives_whole() -> None:
 
 
 @aio
-async def test_clients_use_the_lean_pool_and_asyncio_backend() -> None:
-    """Fails if an httpx/httpcore upgrade stops batchrun's pool from being installed."""
+async def test_clients_use_batchrun_transport_directly() -> None:
     async with Server(ok) as server:
         api = ApiClient(server.url, "k", limits=Limits())
         storage = StorageClient()
         for http in (api._http, storage._http):
-            transport = http._transport_for(httpx.URL(server.url))
-            inner = transport._pool  # type: ignore[attr-defined]
-            assert isinstance(inner, LeanConnectionPool)
-            assert isinstance(inner._network_backend, AsyncioBackend)
-            assert isinstance(inner, httpcore.AsyncConnectionPool)
+            assert isinstance(http._transport_for(httpx.URL(server.url)), Http11Transport)
         await api.aclose()
         await storage.aclose()
 
@@ -288,3 +279,158 @@ def test_environment_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _proxy_for(httpx.URL("https://x.internal.corp/")) is None
     assert _proxy_for(httpx.URL("https://127.0.0.1:8080/")) is None  # loopback: never
     assert _proxy_for(httpx.URL("https://localhost:8080/")) is None
+
+
+# -- response framing and protocol edges (http11) --------------------------------
+
+
+def raw_answer(data: bytes, keep: bool = True) -> Handler:
+    async def answer(r: asyncio.StreamReader, w: asyncio.StreamWriter, s: dict[str, Any]) -> bool:
+        w.write(data)
+        await w.drain()
+        return keep
+
+    return answer
+
+
+async def _get(url: str, method: str = "GET") -> httpx.Response:
+    http = pool()
+    try:
+        return await http.send(http.request(method, url))
+    finally:
+        await http.aclose()
+
+
+@aio
+async def test_chunked_body_with_extensions_and_trailers() -> None:
+    body = b'5;ext=1\r\n{"a":\r\n3\r\n 1}\r\n0\r\nX-Trailer: t\r\n\r\n'
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    async with Server(raw_answer(head + body)) as server:
+        http = pool()
+        for _ in range(3):  # and the connection stays usable after each
+            r = await http.send(http.request("GET", server.url))
+            assert r.json() == {"a": 1}
+        await http.aclose()
+    assert server.connections == 1
+
+
+@aio
+async def test_body_read_to_close_and_connection_close() -> None:
+    async with Server(raw_answer(b"HTTP/1.1 200 OK\r\n\r\nall of it", keep=False)) as server:
+        r = await _get(server.url)
+    assert r.content == b"all of it"
+    head = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
+    async with Server(raw_answer(head, keep=False)) as server:
+        http = pool()
+        for _ in range(3):
+            assert (await http.send(http.request("GET", server.url))).content == b"ok"
+        await http.aclose()
+    assert server.connections == 3  # never reused after Connection: close
+
+
+@aio
+async def test_no_body_statuses_and_interim_responses() -> None:
+    answer = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n"
+    async with Server(raw_answer(answer)) as server:
+        http = pool()
+        for _ in range(2):
+            r = await http.send(http.request("POST", server.url, content=b"{}"))
+            assert r.status_code == 204 and r.content == b""
+        r = await http.send(http.request("HEAD", server.url))
+        await http.aclose()
+    assert server.connections == 1
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 2x0 OK\r\n\r\n",
+        b"SPDY/3 200 OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+        b"",
+    ],
+)
+def test_malformed_or_cut_responses_are_protocol_errors(answer: bytes) -> None:
+    async def go() -> None:
+        async with Server(raw_answer(answer, keep=False)) as server:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await _get(server.url)
+
+    asyncio.run(go())
+
+
+@aio
+async def test_early_answer_to_a_streamed_upload_is_returned() -> None:
+    """A storage URL that expired mid-upload answers 403 and closes: the 403 (which
+    tells batchrun to fetch a new URL) must come back, not a bare write error."""
+
+    async def refuse(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        w.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 7\r\nConnection: close\r\n\r\nexpired")
+        await w.drain()
+        w.close()
+
+    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(64):
+            yield b"x" * (1 << 20)
+            await asyncio.sleep(0)
+
+    http = pool()
+    req = http.request(
+        "PUT",
+        f"http://127.0.0.1:{port}/up",
+        content=body(),
+        headers={"Content-Length": str(64 << 20)},
+    )
+    r = await http.send(req)
+    await http.aclose()
+    server.close()
+    assert r.status_code == 403 and r.content == b"expired"
+
+
+@aio
+async def test_pool_timeout_when_every_connection_is_busy() -> None:
+    async def slow(r: asyncio.StreamReader, w: asyncio.StreamWriter, s: dict[str, Any]) -> bool:
+        await asyncio.sleep(1.0)
+        return await ok(r, w, s)
+
+    async with Server(slow) as server:
+        http = HttpPool(timeout=httpx.Timeout(5.0, pool=0.2), max_connections=1)
+        first = asyncio.ensure_future(http.send(http.request("GET", server.url)))
+        await asyncio.sleep(0.05)
+        with pytest.raises(httpx.PoolTimeout):
+            await http.send(http.request("GET", server.url))
+        assert (await first).status_code == 200
+        await http.aclose()
+
+
+@aio
+async def test_header_injection_is_refused_before_sending() -> None:
+    async with Server(ok) as server:
+        http = pool()
+        bad = http.request("GET", server.url, headers={"Authorization": "Bearer k\r\nX-Evil: 1"})
+        with pytest.raises(httpx.LocalProtocolError):
+            await http.send(bad)
+        await http.aclose()
+    assert server.requests == []
+
+
+@aio
+async def test_https_to_a_plain_server_is_a_connect_error() -> None:
+    async def plain(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        await w.drain()
+        w.close()
+
+    server = await asyncio.start_server(plain, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    with pytest.raises(httpx.ConnectError):
+        await _get(f"https://127.0.0.1:{port}/")
+    server.close()
