@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -19,11 +18,13 @@ from .errors import EXIT_INTERRUPTED, EXIT_OK, BatchrunError, ManifestError
 from .events import JsonLinesRenderer, LiveRenderer, PlainRenderer
 from .logsetup import configure, redact
 from .manifest import schema_text
+from .outcome import ApplyResult, nothing_to_do
 from .plan import plan_to_json
 from .report import apply_text, plan_text, status_rows, status_text
 
 if TYPE_CHECKING:
-    from .engine import ApplyResult, Engine
+    from .engine import Engine
+    from .state import StateStore
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -196,7 +197,11 @@ def apply(
     else:
         renderer = LiveRenderer()
     try:
-        result = _run_interruptible(m, o, fail_fast, renderer)
+        with commands.locked_plan(m, o) as (planned, store):
+            if planned.plan.summary.pending:
+                result = _run_interruptible(planned, store, fail_fast, renderer)
+            else:
+                result = nothing_to_do(planned.plan, renderer)  # no asyncio, no HTTP
     finally:
         renderer.close()
     if result is None:
@@ -212,10 +217,14 @@ def apply(
 
 
 def _run_interruptible(
-    m: Any, o: commands.Overrides, fail_fast: bool, emit: Callable[..., None]
+    planned: commands.Planned,
+    store: StateStore,
+    fail_fast: bool,
+    emit: Callable[..., None],
 ) -> ApplyResult | None:
     """First SIGINT/SIGTERM: the engine stops starting work and saves state.
     A second one exits at once: every committed transition is already durable."""
+    import asyncio
 
     async def go() -> ApplyResult | None:
         loop = asyncio.get_running_loop()
@@ -236,9 +245,9 @@ def _run_interruptible(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
         try:
-            return await commands.apply_async(
-                m,
-                o,
+            return await commands.execute(
+                planned,
+                store,
                 fail_fast=fail_fast,
                 emit=emit,
                 on_engine=lambda e: holder.__setitem__("engine", e),
@@ -271,6 +280,8 @@ def cancel(manifest: Path, state_path: Path | None, endpoint: str | None) -> Non
     """Cancel the runs this manifest has in flight on the service."""
     o = commands.Overrides(state_path=state_path, endpoint=endpoint)
     m = commands.validate(manifest, o)
+    import asyncio
+
     canceled = asyncio.run(commands.cancel_async(m, o, PlainRenderer()))
     for name, run_id in canceled:
         click.echo(f"canceled {name}: {run_id}")

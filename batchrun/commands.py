@@ -8,7 +8,6 @@ an event sink and results are returned.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import secrets
@@ -21,14 +20,14 @@ from .errors import ApiError, UsageError
 from .events import Event, Sink, discard
 from .manifest import load_manifest
 from .model import EMBEDDED_ENDPOINT, FileFacts, Manifest, Plan, RunRecord
+from .outcome import ApplyResult, nothing_to_do
 from .plan import HashCache, default_cache_path, gather_facts, make_plan, output_facts
 from .state import StateLock, StateStore, default_state_path, manifest_identity
 
 if TYPE_CHECKING:
     # The HTTP stack (httpx) costs ~0.1 s to import: validate, plan, status and
-    # an apply with nothing to do never load it.
+    # an apply with nothing to do never load it (nor the engine, nor asyncio).
     from .client import ApiClient
-    from .engine import ApplyResult
     from .transfer import StorageClient
 
 
@@ -167,6 +166,53 @@ async def clients(
         await storage.aclose()
 
 
+@contextlib.contextmanager
+def locked_plan(manifest: Manifest, overrides: Overrides) -> Iterator[tuple[Planned, StateStore]]:
+    """The plan against the state, with the state lock held and the store open."""
+    state_path = state_path_for(manifest, overrides)
+    lock = StateLock(state_path, manifest=manifest.path)
+    lock.acquire()
+    try:
+        store = StateStore.open(state_path, manifest_identity(manifest.path), create=True)
+        try:
+            yield plan_manifest(manifest, overrides, store), store
+        finally:
+            store.close()
+    finally:
+        lock.release()
+
+
+async def execute(
+    planned: Planned,
+    store: StateStore,
+    *,
+    fail_fast: bool = False,
+    emit: Sink = discard,
+    on_engine: Any = None,
+    seed: int | None = None,
+) -> ApplyResult:
+    """Run a plan made under `locked_plan`. `on_engine(engine)` lets a caller wire signals."""
+    from .engine import Engine, EngineSettings
+
+    if not planned.plan.summary.pending:
+        # No emulator to start, no API key needed, no request made.
+        return nothing_to_do(planned.plan, emit)
+    manifest = planned.manifest
+    settings = EngineSettings(
+        concurrency=manifest.concurrency,
+        transfers=manifest.transfers,
+        limits=manifest.limits,
+        fail_fast=fail_fast,
+        seed=seed,
+    )
+    with service(manifest, emit) as (url, key):
+        async with clients(url, key, manifest) as (api, storage):
+            engine = Engine(planned.plan, planned.facts, store, api, storage, settings, emit)
+            if on_engine is not None:
+                on_engine(engine)
+            return await engine.run()
+
+
 async def apply_async(
     manifest: Manifest,
     overrides: Overrides = Overrides(),
@@ -177,37 +223,10 @@ async def apply_async(
     seed: int | None = None,
 ) -> ApplyResult:
     """Apply under the state lock. `on_engine(engine)` lets a caller wire signals."""
-    from .engine import Engine, EngineSettings, nothing_to_do
-
-    state_path = state_path_for(manifest, overrides)
-    lock = StateLock(state_path, manifest=manifest.path)
-    lock.acquire()
-    try:
-        store = StateStore.open(state_path, manifest_identity(manifest.path), create=True)
-        try:
-            planned = plan_manifest(manifest, overrides, store)
-            if not planned.plan.summary.pending:
-                # No emulator to start, no API key needed, no request made.
-                return nothing_to_do(planned.plan, emit)
-            settings = EngineSettings(
-                concurrency=manifest.concurrency,
-                transfers=manifest.transfers,
-                limits=manifest.limits,
-                fail_fast=fail_fast,
-                seed=seed,
-            )
-            with service(manifest, emit) as (url, key):
-                async with clients(url, key, manifest) as (api, storage):
-                    engine = Engine(
-                        planned.plan, planned.facts, store, api, storage, settings, emit
-                    )
-                    if on_engine is not None:
-                        on_engine(engine)
-                    return await engine.run()
-        finally:
-            store.close()
-    finally:
-        lock.release()
+    with locked_plan(manifest, overrides) as (planned, store):
+        return await execute(
+            planned, store, fail_fast=fail_fast, emit=emit, on_engine=on_engine, seed=seed
+        )
 
 
 def apply(
@@ -218,6 +237,8 @@ def apply(
     emit: Sink = discard,
 ) -> ApplyResult:
     """`batchrun apply` from Python."""
+    import asyncio
+
     manifest = validate(Path(manifest_path), overrides)
     return asyncio.run(apply_async(manifest, overrides, fail_fast=fail_fast, emit=emit))
 

@@ -25,7 +25,6 @@ import logging
 import random
 import secrets
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,6 +34,7 @@ from . import crashpoints
 from .errors import AmbiguousError, ApiError, AuthError, BatchrunError, DiskError, TransferError
 from .events import Event, Sink
 from .model import FileFacts, Limits, Plan, PlannedRun, RunRecord
+from .outcome import ApplyResult, skip_unchanged, start_event, summary
 from .poller import Poller, PollGaveUp, RunLost
 from .state import StateStore
 from .statewriter import StateWriter
@@ -45,8 +45,6 @@ if TYPE_CHECKING:
     from .transfer import StorageClient
 
 log = logging.getLogger(__name__)
-
-Outcome = Literal["collected", "unchanged", "failed", "canceled", "unfinished"]
 
 # An upload id older than this (relative to the URL lifetime) is not trusted
 # for a create-run: the input is uploaded again rather than risk a 4xx.
@@ -74,33 +72,6 @@ class EngineSettings:
     # after this many rounds: the run stays `submitted` for the next apply.
     poll_errors_max: int = 5
     seed: int | None = None
-
-
-@dataclass
-class ApplyResult:
-    outcomes: dict[str, Outcome] = field(default_factory=dict)
-    errors: dict[str, str] = field(default_factory=dict)
-    fatal: str | None = None
-    fatal_exit_code: int = 1
-    interrupted: bool = False
-    in_flight: list[tuple[str, str]] = field(
-        default_factory=list
-    )  # (name, run_id) left on the service
-    wall_s: float = 0.0
-    bytes_uploaded: int = 0
-    bytes_downloaded: int = 0
-    api_requests: dict[str, int] = field(default_factory=dict)
-
-    def counts(self) -> dict[str, int]:
-        return dict(Counter(self.outcomes.values()))
-
-    @property
-    def ok(self) -> bool:
-        return (
-            self.fatal is None
-            and not self.interrupted
-            and all(o in ("collected", "unchanged") for o in self.outcomes.values())
-        )
 
 
 class RunFailed(Exception):
@@ -578,40 +549,3 @@ class Engine:
             self._emit(Event("progress", run=name, data={"bytes": delta, "done": done}))
 
         return report
-
-
-def start_event(plan: Plan) -> Event:
-    counts = Counter(p.action for p in plan.runs)
-    return Event("start", data={"runs": len(plan.runs), "actions": dict(counts)})
-
-
-def skip_unchanged(p: PlannedRun, result: ApplyResult, emit: Sink) -> None:
-    result.outcomes[p.spec.name] = "unchanged"
-    emit(Event("skip", run=p.spec.name, message="unchanged"))
-
-
-def nothing_to_do(plan: Plan, emit: Sink) -> ApplyResult:
-    """Apply of a plan with nothing pending: no service, no HTTP stack, no state writes."""
-    started = time.monotonic()
-    result = ApplyResult()
-    emit(start_event(plan))
-    for p in plan.runs:
-        skip_unchanged(p, result, emit)
-    result.wall_s = time.monotonic() - started
-    emit(Event("done", data=summary(result)))
-    return result
-
-
-def summary(r: ApplyResult) -> dict[str, object]:
-    """The `done` event's data (docs/events.md)."""
-    return {
-        "counts": r.counts(),
-        "failures": dict(sorted(r.errors.items())),
-        "fatal": r.fatal,
-        "interrupted": r.interrupted,
-        "in_flight": [{"run": n, "run_id": i} for n, i in r.in_flight],
-        "wall_s": round(r.wall_s, 3),
-        "bytes_uploaded": r.bytes_uploaded,
-        "bytes_downloaded": r.bytes_downloaded,
-        "api_requests": r.api_requests,
-    }

@@ -284,7 +284,12 @@ class _Loader:
             if not ok or raw.app is None:
                 continue
             options = tuple(sorted((k, option_string(v)) for k, v in raw.options.items()))
-            for display, abs_path in files:
+            # Per entry, not per file: a glob entry expands to 10,000 files.
+            name_line = self.doc.mark((*run_path, "name"))[0]
+            line, col = self.doc.mark(run_path)
+            location = Location(self.file, line, col)
+            output_where = self._source(raw, "output")
+            for display, abs_path, st in files:
                 stem = os.path.splitext(os.path.basename(display))[0]
                 name = raw.name.format(stem=stem)
                 if not self._name_ok((*run_path, "name"), name):
@@ -305,22 +310,21 @@ class _Loader:
                         f"{line}; make names unique, e.g. with {{stem}})",
                     )
                     continue
-                names[name] = (i, self.doc.mark((*run_path, "name"))[0])
+                names[name] = (i, name_line)
                 out_rel = raw.output.format(name=name, stem=stem)
-                out = self._output(raw, out_rel, root, root_real, root_label)
+                out = self._output(output_where, out_rel, root, root_real, root_label)
                 if out is None:
                     continue
                 real = out[1]
                 if real in outputs:
                     first, line = outputs[real]
                     self.add(
-                        self._source(raw, "output"),
+                        output_where,
                         f"output {show(out_rel)} of run {show(name)} is also the output of "
                         f"run {show(first)} (line {line}; make outputs unique, e.g. with {{name}})",
                     )
                     continue
-                outputs[real] = (name, self.doc.mark((*run_path, "name"))[0])
-                line, col = self.doc.mark(run_path)
+                outputs[real] = (name, name_line)
                 specs.append(
                     RunSpec(
                         name=name,
@@ -332,7 +336,8 @@ class _Loader:
                         output_path=out[0],
                         description=raw.description,
                         timeout_s=timeout,
-                        location=Location(self.file, line, col),
+                        location=location,
+                        input_stat=st,
                     )
                 )
         return specs
@@ -369,13 +374,13 @@ class _Loader:
             self.add(path, problem)
         return problem is None
 
-    def _inputs(self, raw: _Raw, limits: Limits) -> list[tuple[str, Path]]:
+    def _inputs(self, raw: _Raw, limits: Limits) -> list[tuple[str, Path, os.stat_result]]:
         path: NodePath = ("runs", raw.index, "input")
         pattern = raw.input
         if "\0" in pattern:
             self.add(path, "contains a NUL character (remove it)")
             return []
-        found: list[tuple[str, Path]] = []
+        found: list[tuple[str, Path, os.stat_result]] = []
         if _GLOB_CHARS.search(pattern):
             for match in sorted(glob.glob(pattern, root_dir=self.dir, recursive=True)):
                 abs_path = Path(os.path.normpath(os.path.join(self.dir, match)))
@@ -384,7 +389,7 @@ class _Loader:
                 except OSError:
                     continue
                 if stat.S_ISREG(st.st_mode) and self._input_ok(path, match, st, limits, abs_path):
-                    found.append((match, abs_path))
+                    found.append((match, abs_path, st))
             if found or os.path.isfile(self.dir / pattern):
                 return found or self._file(path, pattern, limits)
             self.add(
@@ -395,7 +400,9 @@ class _Loader:
             return []
         return self._file(path, pattern, limits)
 
-    def _file(self, path: NodePath, name: str, limits: Limits) -> list[tuple[str, Path]]:
+    def _file(
+        self, path: NodePath, name: str, limits: Limits
+    ) -> list[tuple[str, Path, os.stat_result]]:
         abs_path = Path(os.path.normpath(os.path.join(self.dir, os.path.expanduser(name))))
         try:
             st = os.stat(abs_path)
@@ -420,7 +427,7 @@ class _Loader:
             return []
         if not self._input_ok(path, name, st, limits, abs_path):
             return []
-        return [(name, abs_path)]
+        return [(name, abs_path, st)]
 
     def _input_ok(
         self, path: NodePath, name: str, st: os.stat_result, limits: Limits, abs_path: Path
@@ -439,9 +446,8 @@ class _Loader:
         return True
 
     def _output(
-        self, raw: _Raw, rel: str, root: Path, root_real: str, root_label: str
+        self, where: NodePath, rel: str, root: Path, root_real: str, root_label: str
     ) -> tuple[Path, str] | None:
-        where = self._source(raw, "output")
         if "\0" in rel:
             self.add(where, "output contains a NUL character (remove it)")
             return None

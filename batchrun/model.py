@@ -6,6 +6,7 @@ its own and the plan stays a pure function of (specs, file facts, state).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -80,6 +81,9 @@ class RunSpec:
     description: str | None = None
     timeout_s: float | None = None
     location: Location | None = None
+    # The input's stat from validation, so planning need not stat it again
+    # (a file changed since is caught by the hash check before it is sent).
+    input_stat: os.stat_result | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -195,7 +195,7 @@ def gather_facts(
     for spec in specs:
         if spec.input_path not in facts:
             facts[spec.input_path] = cache.facts(
-                spec.input_path, direct_limit=limits.direct_input_max_bytes
+                spec.input_path, direct_limit=limits.direct_input_max_bytes, st=spec.input_stat
             )
     return facts
 

@@ -13,7 +13,7 @@ from .model import Manifest, Plan, RunRecord
 from .plan import summary_line
 
 if TYPE_CHECKING:
-    from .engine import ApplyResult
+    from .outcome import ApplyResult
 
 
 def human_bytes(n: float) -> str:
