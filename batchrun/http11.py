@@ -41,7 +41,7 @@ import httpx
 READ_HIGH_WATER = 1 << 20  # pause reading with this much unread
 READ_LOW_WATER = 256 << 10  # and resume below this
 MAX_HEAD_BYTES = 64 << 10  # status line and headers of one response
-KEEPALIVE_EXPIRY_S = 5.0
+KEEPALIVE_EXPIRY_S = 4.0  # below the 5 s idle timeout common to servers (uvicorn, nginx)
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_VALUE = re.compile(rb"[\x00\r\n]")

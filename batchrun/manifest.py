@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from batchrun.errors import ManifestError
-from batchrun.manifest_schema import make_validator, schema_problems, schema_text
+from batchrun.manifest_schema import SchemaMemo, make_validator, schema_problems, schema_text
 from batchrun.model import (
     DEFAULT_API_KEY_ENV,
     DEFAULT_ENDPOINT,
@@ -487,7 +487,8 @@ class _Loader:
     # -- all together ----------------------------------------------------------
 
     def check_schema(self) -> None:
-        result = schema_problems(self.doc)
+        memo = SchemaMemo(self.path.parent / ".batchrun" / f"{self.path.stem}.schema-ok")
+        result = schema_problems(self.doc, memo)
         self.problems.extend(result.problems)
         for path in result.bad:
             self.mark_bad(path)

@@ -5,23 +5,29 @@ Split from manifest.py, which does the checks a schema cannot express.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import hashlib
 import json
+import os
 import re
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-# jsonschema ships no type information and types-jsonschema is not a dependency.
-from jsonschema import Draft202012Validator  # type: ignore[import-untyped,unused-ignore]
-from jsonschema.exceptions import ValidationError  # type: ignore[import-untyped,unused-ignore]
-from referencing import Registry, Resource
-from referencing.exceptions import NoSuchResource
-
+from batchrun import __version__
 from batchrun.yamlsafe import Document, NodePath, Problem, format_path, show
+
+if TYPE_CHECKING:
+    # jsonschema (~50 ms to import) is loaded only when a document is checked:
+    # a manifest that passed before, unchanged, is not checked again (SchemaMemo).
+    from jsonschema import Draft202012Validator  # type: ignore[import-untyped,unused-ignore]
+    from jsonschema.exceptions import ValidationError  # type: ignore[import-untyped,unused-ignore]
+    from referencing import Resource
 
 _SCHEMA_NAME = "manifest.schema.json"
 _SCHEMA = "schemas/" + _SCHEMA_NAME
@@ -77,10 +83,15 @@ def schema_text() -> str:
 def _refuse_retrieval(uri: str) -> Resource[Any]:
     # A schema $ref to a URL must never turn validation into a network fetch
     # (reliability row 20): every reference has to live in the schema itself.
+    from referencing.exceptions import NoSuchResource
+
     raise NoSuchResource(uri)  # type: ignore[call-arg,unused-ignore]
 
 
 def make_validator(schema: Mapping[str, Any]) -> Draft202012Validator:
+    from jsonschema import Draft202012Validator
+    from referencing import Registry
+
     registry: Registry[Any] = Registry(retrieve=_refuse_retrieval)  # type: ignore[call-arg]
     return Draft202012Validator(schema, registry=registry)
 
@@ -172,9 +183,71 @@ class _Result:
         self.bad.add(path)
 
 
-def schema_problems(doc: Document) -> _Result:
+class SchemaMemo:
+    """Remembers the last document that passed the schema, so an unchanged
+    manifest is not checked (nor jsonschema imported) again.
+
+    Keyed by sha256 of the document's data, the schema and batchrun's version;
+    only a clean result is remembered, so a hit means exactly what running the
+    check would. It is only a cache: unreadable or unwritable, it costs time.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+
+    @staticmethod
+    def key(data: Any) -> str | None:
+        try:
+            text = json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=True)
+        except (TypeError, ValueError):
+            return None
+        digest = hashlib.sha256(f"{__version__}\n".encode())
+        digest.update(_schema_digest().encode())
+        digest.update(text.encode("utf-8", "surrogatepass"))
+        return digest.hexdigest()
+
+    def holds(self, key: str | None) -> bool:
+        if key is None or self.path is None:
+            return False
+        try:
+            return self.path.read_text("ascii").strip() == key
+        except (OSError, ValueError):
+            return False
+
+    def remember(self, key: str | None) -> None:
+        if key is None or self.path is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".schema-", dir=self.path.parent)
+            try:
+                with os.fdopen(fd, "w", encoding="ascii") as f:
+                    f.write(key + "\n")
+                os.replace(tmp, self.path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+
+
+@cache
+def _schema_digest() -> str:
+    return hashlib.sha256(schema_text().encode("utf-8")).hexdigest()
+
+
+def schema_problems(doc: Document, memo: SchemaMemo | None = None) -> _Result:
     """Schema errors as Problems, plus the paths they reject."""
     res = _Result(doc)
+    key = memo.key(doc.data) if memo is not None else None
+    if memo is not None and memo.holds(key):
+        return res
+    _check(res)
+    if memo is not None and not res.problems:
+        memo.remember(key)
+    return res
+
+
+def _check(res: _Result) -> None:
     data = res.doc.data
     if not isinstance(data, dict):
         res.add(
@@ -182,7 +255,7 @@ def schema_problems(doc: Document) -> _Result:
             f"the manifest must be a mapping, got {_describe(data)} (start with 'version: 1')",
         )
         res.mark_bad(())
-        return res
+        return
     seen: set[tuple[NodePath, str]] = set()
     shadow, index = _shadow(data)
     for err in _validator().iter_errors(shadow):
@@ -190,7 +263,6 @@ def schema_problems(doc: Document) -> _Result:
         if index is not None and len(path) >= 2 and path[0] == "runs":
             path[1] = index[path[1]]
         _schema_error(res, err, tuple(path), seen)
-    return res
 
 
 def _schema_error(

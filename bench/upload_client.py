@@ -4,13 +4,18 @@
 
 batchrun: StorageClient.put_file (the path `apply` takes for a large input).
 httpx:    a raw streaming PUT (1 MiB chunks, Content-Length), what a user writes by hand.
+Prints {"transfer_s": ...}: the upload alone, from opening the client to the
+answer, without the interpreter's start and imports (the process wall time,
+which bench_upload.py also takes, includes them).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,7 +51,9 @@ def with_batchrun(url: str, path: Path) -> int:
 
 def main() -> int:
     mode, url, file = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    start = time.perf_counter()
     status = with_batchrun(url, file) if mode == "batchrun" else raw_httpx(url, file)
+    print(json.dumps({"transfer_s": time.perf_counter() - start}))
     return 0 if 200 <= status < 300 else 1
 
 

@@ -389,3 +389,47 @@ def test_endpoint_url_and_aliases(tmp_path: Path) -> None:
     m = load_manifest(path)
     assert m.endpoint == "http://127.0.0.1:8080"
     assert m.runs[0].options == (("threads", "2"),)
+
+
+# -- the schema memo --------------------------------------------------------------
+
+
+def test_schema_memo_skips_an_unchanged_manifest_and_rechecks_a_changed_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batchrun import manifest_schema
+
+    (tmp_path / "in.json").write_text("{}")
+    path = tmp_path / "m.yaml"
+    path.write_text("version: 1\napp: a\nruns:\n  - name: r\n    input: in.json\n")
+    checks: list[int] = []
+    real = manifest_schema._check
+    monkeypatch.setattr(manifest_schema, "_check", lambda res: checks.append(1) or real(res))
+    load_manifest(path)
+    assert checks == [1]
+    memo = tmp_path / ".batchrun" / "m.schema-ok"
+    assert memo.is_file()
+    load_manifest(path)
+    assert checks == [1]  # unchanged: not checked again
+    # A changed document is checked again, and its errors are reported.
+    path.write_text(
+        "version: 1\napp: a\nconcurrency: many\nruns:\n  - name: r\n    input: in.json\n"
+    )
+    with pytest.raises(ManifestError) as exc:
+        load_manifest(path)
+    assert checks == [1, 1] and "concurrency" in str(exc.value)
+    # A memo that does not match (edited, corrupt) is a miss, never a pass.
+    path.write_text("version: 1\napp: a\nruns:\n  - name: r\n    input: in.json\n")
+    memo.write_text("0" * 64 + "\n")
+    load_manifest(path)
+    assert checks == [1, 1, 1]
+
+
+def test_schema_memo_that_cannot_be_written_costs_nothing(tmp_path: Path) -> None:
+    (tmp_path / "in.json").write_text("{}")
+    path = tmp_path / "m.yaml"
+    path.write_text("version: 1\napp: a\nruns:\n  - name: r\n    input: in.json\n")
+    (tmp_path / ".batchrun").write_text("a file where the cache folder would go")
+    for _ in range(2):
+        assert load_manifest(path).runs[0].name == "r"
+    assert not list(tmp_path.glob(".schema-*"))  # no temp file left behind
