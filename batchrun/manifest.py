@@ -382,14 +382,16 @@ class _Loader:
             return []
         found: list[tuple[str, Path, os.stat_result]] = []
         if _GLOB_CHARS.search(pattern):
-            for match in sorted(glob.glob(pattern, root_dir=self.dir, recursive=True)):
-                abs_path = Path(os.path.normpath(os.path.join(self.dir, match)))
+            folder = str(self.dir)
+            for match in sorted(glob.glob(pattern, root_dir=folder, recursive=True)):
+                # Strings for the syscalls: a Path is built only for a file kept.
+                abs_name = os.path.normpath(os.path.join(folder, match))
                 try:
-                    st = os.stat(abs_path)
+                    st = os.stat(abs_name)
                 except OSError:
                     continue
-                if stat.S_ISREG(st.st_mode) and self._input_ok(path, match, st, limits, abs_path):
-                    found.append((match, abs_path, st))
+                if stat.S_ISREG(st.st_mode) and self._input_ok(path, match, st, limits, abs_name):
+                    found.append((match, Path(abs_name), st))
             if found or os.path.isfile(self.dir / pattern):
                 return found or self._file(path, pattern, limits)
             self.add(
@@ -430,7 +432,7 @@ class _Loader:
         return [(name, abs_path, st)]
 
     def _input_ok(
-        self, path: NodePath, name: str, st: os.stat_result, limits: Limits, abs_path: Path
+        self, path: NodePath, name: str, st: os.stat_result, limits: Limits, abs_path: Path | str
     ) -> bool:
         if not os.access(abs_path, os.R_OK):
             self.add(path, f"input {show(name)} is not readable (check its permissions)")

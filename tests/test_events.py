@@ -6,6 +6,8 @@ import asyncio
 import io
 import json
 
+import pytest
+
 from batchrun.events import Event, JsonLinesRenderer
 
 
@@ -53,3 +55,27 @@ def test_close_writes_what_is_held() -> None:
         return out
 
     assert [e["run"] for e in lines(asyncio.run(go()))] == ["x"]
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        Event("skip", run="in-00001", message="unchanged", time=1795875795.7251),
+        Event("phase", run='q"uote\\ é 🚀 \x01', phase="submitted", time=1.0),
+        Event("warning", message="line\nbreak \u2028", time=1795875795),
+        Event("interrupt", time=0.0004),
+        Event("done", data={"counts": {"collected": 2}}, time=5.5),
+    ],
+)
+def test_event_json_is_json_dumps_with_sorted_keys(event: Event) -> None:
+    """to_json builds most lines by hand; they must be exactly what json.dumps writes."""
+    obj: dict[str, object] = {"type": event.type, "time": round(event.time, 3)}
+    if event.run is not None:
+        obj["run"] = event.run
+    if event.phase is not None:
+        obj["phase"] = event.phase
+    if event.message:
+        obj["message"] = event.message
+    if event.data:
+        obj["data"] = event.data
+    assert event.to_json() == json.dumps(obj, sort_keys=True)

@@ -502,3 +502,12 @@ def test_disk_full_tmpfs(tmp_path: Path) -> None:
         assert "r9" in StateStore.read_only(path, ID)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_columns_are_the_record_fields_in_order() -> None:
+    """Rows are decoded positionally into RunRecord: the two orders must agree."""
+    import dataclasses
+
+    from batchrun import state as state_mod
+
+    assert tuple(f.name for f in dataclasses.fields(RunRecord)) == state_mod._COLUMNS
