@@ -11,7 +11,11 @@ import asyncio
 import functools
 import hashlib
 import os
+import shutil
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -434,3 +438,75 @@ async def test_https_to_a_plain_server_is_a_connect_error() -> None:
     with pytest.raises(httpx.ConnectError):
         await _get(f"https://127.0.0.1:{port}/")
     server.close()
+
+
+# -- TLS (the real service is https) ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (the openssl command line makes it)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+            "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_https_keep_alive_streaming_and_verification(tls_cert: tuple[Path, Path]) -> None:
+    cert, key = tls_cert
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    size = 8 << 20
+    connections = []
+
+    async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        try:
+            while True:
+                _, body = await _read_request(r)
+                if body:  # an upload: answer with its digest
+                    reply = hashlib.sha256(body).hexdigest().encode()
+                    w.write(_response(reply))
+                else:  # a download: a large body through TLS flow control
+                    w.write(f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\n\r\n".encode())
+                    w.write(b"z" * size)
+                await w.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            w.close()
+
+    async def go() -> None:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_ctx)
+        port = server.sockets[0].getsockname()[1]
+        url = f"https://127.0.0.1:{port}/x"
+        trusting = Http11Transport(
+            max_connections=2, ssl_context=ssl.create_default_context(cafile=str(cert))
+        )
+        http = HttpPool(timeout=TIMEOUT, max_connections=2, transport=trusting)
+        payload = os.urandom(3 << 20)
+        for _ in range(3):
+            r = await http.send(http.request("POST", url, content=payload))
+            assert r.text == hashlib.sha256(payload).hexdigest()
+            r = await http.send(http.request("GET", url))
+            assert len(r.content) == size
+        await http.aclose()
+        assert len(connections) == 1  # one TLS connection, kept alive for all six
+        # The default context (system CAs) must refuse the self-signed certificate.
+        untrusting = pool()
+        with pytest.raises(httpx.ConnectError):
+            await untrusting.send(untrusting.request("GET", url))
+        await untrusting.aclose()
+        server.close()
+
+    asyncio.run(go())
