@@ -124,13 +124,17 @@ async def test_keep_alive_reuses_one_connection() -> None:
     assert len(server.requests) == 20
 
 
-@aio
-async def test_concurrency_bounded_by_max_connections() -> None:
+def delayed(seconds: float) -> Handler:
     async def slow(r: asyncio.StreamReader, w: asyncio.StreamWriter, s: dict[str, Any]) -> bool:
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(seconds)
         return await ok(r, w, s)
 
-    async with Server(slow) as server:
+    return slow
+
+
+@aio
+async def test_concurrency_bounded_by_max_connections() -> None:
+    async with Server(delayed(0.02)) as server:
         http = pool(max_connections=4)
         rs = await asyncio.gather(
             *(http.send(http.request("GET", f"{server.url}/{i}")) for i in range(40))
@@ -186,19 +190,25 @@ async def test_connect_refused_is_connect_error() -> None:
     await http.aclose()
 
 
+def big_body(block: bytes, blocks: int) -> Handler:
+    """Answers every request with `blocks` copies of `block`, written as fast as allowed."""
+
+    async def big(r: asyncio.StreamReader, w: asyncio.StreamWriter, s: dict[str, Any]) -> bool:
+        w.write(f"HTTP/1.1 200 OK\r\nContent-Length: {len(block) * blocks}\r\n\r\n".encode())
+        for _ in range(blocks):
+            w.write(block)
+            await w.drain()
+        return True
+
+    return big
+
+
 @aio
 async def test_large_streamed_download_with_slow_reader() -> None:
     size = 24 << 20
     block = os.urandom(1 << 20)
 
-    async def big(r: asyncio.StreamReader, w: asyncio.StreamWriter, s: dict[str, Any]) -> bool:
-        w.write(f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\n\r\n".encode())
-        for _ in range(size // len(block)):
-            w.write(block)
-            await w.drain()
-        return True
-
-    async with Server(big) as server:
+    async with Server(big_body(block, size // len(block))) as server:
         http = pool()
         response = await http.send(http.request("GET", server.url), stream=True)
         digest = hashlib.sha256()
@@ -217,16 +227,8 @@ async def test_large_streamed_download_with_slow_reader() -> None:
 async def test_reading_pauses_above_high_water() -> None:
     """A body nobody reads buffers at most ~READ_HIGH_WATER (+ one socket read)."""
     size = 16 << 20
-    block = b"x" * (1 << 20)
 
-    async def big(r: asyncio.StreamReader, w: asyncio.StreamWriter, s: dict[str, Any]) -> bool:
-        w.write(f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\n\r\n".encode())
-        for _ in range(size // len(block)):
-            w.write(block)
-            await w.drain()
-        return True
-
-    async with Server(big) as server:
+    async with Server(big_body(b"x" * (1 << 20), 16)) as server:
         http = pool()
         response = await http.send(http.request("GET", server.url), stream=True)
         await asyncio.sleep(0.5)  # the server writes as fast as it may; nobody reads
@@ -401,11 +403,7 @@ async def test_early_answer_to_a_streamed_upload_is_returned() -> None:
 
 @aio
 async def test_pool_timeout_when_every_connection_is_busy() -> None:
-    async def slow(r: asyncio.StreamReader, w: asyncio.StreamWriter, s: dict[str, Any]) -> bool:
-        await asyncio.sleep(1.0)
-        return await ok(r, w, s)
-
-    async with Server(slow) as server:
+    async with Server(delayed(1.0)) as server:
         http = HttpPool(timeout=httpx.Timeout(5.0, pool=0.2), max_connections=1)
         first = asyncio.ensure_future(http.send(http.request("GET", server.url)))
         await asyncio.sleep(0.05)
