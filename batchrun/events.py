@@ -148,7 +148,7 @@ class PlainRenderer:
         if event.message:
             text += f" ({event.message})"
         self._stream.write(text + "\n")
-        if event.type != "skip":  # as in JsonLinesRenderer
+        if event.type != "skip":  # a burst before the start; what follows flushes it
             self._stream.flush()
 
     def close(self) -> None:

@@ -225,31 +225,23 @@ def fingerprint(spec: RunSpec, facts: FileFacts) -> str:
     ["batchrun-fingerprint-v1", input sha256, app, instance, sorted options].
     Recorded in state files: the formula never changes within a version tag.
     """
-    sha = facts.sha256
-    if not (sha.isascii() and sha.isalnum()):  # not hex: let json quote it
-        return _fingerprint_slow(spec, sha)
-    canonical = _FP_HEAD + sha + _fingerprint_tail(spec.app, spec.instance, spec.options)
+    canonical = (
+        '["batchrun-fingerprint-v1",'
+        + _quote(facts.sha256)
+        + _fingerprint_tail(spec.app, spec.instance, spec.options)
+    )
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
 
-_FP_HEAD = '["batchrun-fingerprint-v1","'
+_quote = json.encoder.encode_basestring_ascii  # json.dumps' own string encoder (C)
 
 
 @functools.lru_cache(maxsize=1024)
 def _fingerprint_tail(app: str, instance: str, options: tuple[tuple[str, str], ...]) -> str:
-    # What json.dumps writes after the (hex, so unescaped) input hash: one
-    # encoding per distinct (app, instance, options), not one per run.
+    # What json.dumps writes after the input hash: encoded once per distinct
+    # (app, instance, options), not once per run.
     rest = json.dumps([app, instance, sorted(options)], separators=(",", ":"), ensure_ascii=True)
-    return '",' + rest[1:]
-
-
-def _fingerprint_slow(spec: RunSpec, sha: str) -> str:
-    canonical = json.dumps(
-        ["batchrun-fingerprint-v1", sha, spec.app, spec.instance, sorted(spec.options)],
-        separators=(",", ":"),
-        ensure_ascii=True,
-    )
-    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+    return "," + rest[1:]
 
 
 def choose_transport(facts: FileFacts, limits: Limits) -> Transport:

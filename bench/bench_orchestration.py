@@ -25,6 +25,7 @@ from _common import (
     PY,
     BenchError,
     Figure,
+    Measured,
     batchrun,
     batchrun_env,
     check_apply,
@@ -44,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 CONCURRENCY = 64
 
 
-def run_batchrun(emu: Any, root: Path, rep: int, digests: dict[str, str]) -> dict[str, float]:
+def run_batchrun(emu: Any, root: Path, rep: int, digests: dict[str, str]) -> dict[str, Any]:
     out = f"out-br-{rep}"
     manifest = write_manifest(
         root / f"orch-{rep}.yaml",
@@ -56,22 +57,10 @@ def run_batchrun(emu: Any, root: Path, rep: int, digests: dict[str, str]) -> dic
     emu.reset_stats()
     m = batchrun("apply", manifest, "--json", cwd=root)
     check_apply(m, len(digests))
-    api = emu.api_requests()
-    stats = emu.stats()
-    if stats["runs_created"] != len(digests):
-        raise BenchError(f"batchrun created {stats['runs_created']} runs for {len(digests)}")
-    check_echo_outputs(root / out, digests)
-    return {
-        "wall_s": m.wall_s,
-        "runs_per_s": len(digests) / m.wall_s,
-        "req_per_run": api / len(digests),
-        "cpu_s": m.cpu_s,
-        "rss_mb": m.maxrss_mb,
-        "by_route": stats["requests_by_route"],
-    }
+    return checked_figures("batchrun", emu, m, root / out, digests)
 
 
-def run_sdk(emu: Any, root: Path, rep: int, digests: dict[str, str]) -> dict[str, float]:
+def run_sdk(emu: Any, root: Path, rep: int, digests: dict[str, str]) -> dict[str, Any]:
     out = root / f"out-sdk-{rep}"
     emu.reset_stats()
     args = [PY, str(HERE / "sdk_baseline.py"), emu.api_url, "echo", str(root / "in"), str(out)]
@@ -81,15 +70,21 @@ def run_sdk(emu: Any, root: Path, rep: int, digests: dict[str, str]) -> dict[str
     res = json.loads(m.stdout.strip().splitlines()[-1])
     if res["ok"] != len(digests):
         raise BenchError(f"SDK script: {res}")
+    return checked_figures("SDK", emu, m, out, digests)
+
+
+def checked_figures(
+    who: str, emu: Any, m: Measured, out: Path, digests: dict[str, str]
+) -> dict[str, Any]:
+    """One run per input on the service and every output right, then the figures."""
     stats = emu.stats()
     if stats["runs_created"] != len(digests):
-        raise BenchError(f"SDK created {stats['runs_created']} runs for {len(digests)}")
+        raise BenchError(f"{who} created {stats['runs_created']} runs for {len(digests)}")
     check_echo_outputs(out, digests)
-    api = emu.api_requests()
     return {
         "wall_s": m.wall_s,
         "runs_per_s": len(digests) / m.wall_s,
-        "req_per_run": api / len(digests),
+        "req_per_run": emu.api_requests() / len(digests),
         "cpu_s": m.cpu_s,
         "rss_mb": m.maxrss_mb,
         "by_route": stats["requests_by_route"],

@@ -60,6 +60,13 @@ def ok(flag: bool) -> str:
     return "met" if flag else "**MISSED**"
 
 
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table as lines, then a blank line."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return [*lines, ""]
+
+
 def figures_md(res: dict[str, Any], plan_out: str | None, meta: dict[str, Any]) -> str:
     out: list[str] = [BEGIN, ""]
     out.append(
@@ -140,47 +147,63 @@ def figures_md(res: dict[str, Any], plan_out: str | None, meta: dict[str, Any]) 
     if "upload" in res:
         u = res["upload"]
         out.append(f"### 1. Upload ({u['mb']} MB, {u['reps']} reps)\n")
-        out.append("| client | transfer s | MB/s | process wall s | peak RSS MB |")
-        out.append("|---|---|---|---|---|")
         labels = {
             "batchrun": "batchrun `StorageClient.put_file`",
             "httpx": "raw httpx streaming PUT",
             "curl": "`curl --data-binary @file`",
             "apply": "`batchrun apply` (hash + upload + run + download)",
         }
+        rows = []
         for k, label in labels.items():
             t = u["transfer"].get(k)
-            out.append(
-                f"| {label} | {fmt(t) if t else '-'} | "
-                f"{u['mb'] / (t or u['wall'][k])['median']:.0f} | {fmt(u['wall'][k])} | "
-                f"{fmt(u['rss'][k], 0)} |"
+            rows.append(
+                [
+                    label,
+                    fmt(t) if t else "-",
+                    f"{u['mb'] / (t or u['wall'][k])['median']:.0f}",
+                    fmt(u["wall"][k]),
+                    fmt(u["rss"][k], 0),
+                ]
             )
-        out.append("")
+        out += md_table(["client", "transfer s", "MB/s", "process wall s", "peak RSS MB"], rows)
     if "orchestration" in res:
         o = res["orchestration"]
         out.append(
             f"### 2. Orchestration ({o['runs']} echo runs, concurrency "
             f"{o['concurrency']}, {o['reps']} reps)\n"
         )
-        out.append("| client | runs/s | API requests/run | wall s | client CPU s | peak RSS MB |")
-        out.append("|---|---|---|---|---|---|")
-        for who, f in o["figures"].items():
-            out.append(
-                f"| {who} | {fmt(f['runs_per_s'], 1)} | {fmt(f['req_per_run'])} | "
-                f"{fmt(f['wall_s'], 1)} | {fmt(f['cpu_s'], 1)} | {fmt(f['rss_mb'], 0)} |"
-            )
-        out.append(f"\nRequests by route (last rep): `{json.dumps(o['routes'])}`\n")
+        out += md_table(
+            ["client", "runs/s", "API requests/run", "wall s", "client CPU s", "peak RSS MB"],
+            [
+                [
+                    who,
+                    fmt(f["runs_per_s"], 1),
+                    fmt(f["req_per_run"]),
+                    fmt(f["wall_s"], 1),
+                    fmt(f["cpu_s"], 1),
+                    fmt(f["rss_mb"], 0),
+                ]
+                for who, f in o["figures"].items()
+            ],
+        )
+        out.append(f"Requests by route (last rep): `{json.dumps(o['routes'])}`\n")
     if "latency" in res:
         lt = res["latency"]
         out.append(
             f"### 3. Latency hiding ({lt['runs']} runs of 2 s, +200 ms per API call, "
             f"{lt['reps']} reps)\n"
         )
-        out.append("| ideal s | wall s | wall / ideal | result polls per run | client CPU s |")
-        out.append("|---|---|---|---|---|")
-        out.append(
-            f"| {lt['ideal_s']:.2f} | {fmt(lt['wall'], 1)} | {fmt(lt['ratio'])} | "
-            f"{fmt(lt['polls_per_run'])} | {fmt(lt['cpu'], 1)} |\n"
+        out += md_table(
+            ["ideal s", "wall s", "wall / ideal", "result polls per run", "client CPU s"],
+            [
+                [
+                    f"{lt['ideal_s']:.2f}",
+                    fmt(lt["wall"], 1),
+                    fmt(lt["ratio"]),
+                    fmt(lt["polls_per_run"]),
+                    fmt(lt["cpu"], 1),
+                ]
+            ],
         )
     if "pacing" in res:
         p = res["pacing"]
@@ -188,34 +211,47 @@ def figures_md(res: dict[str, Any], plan_out: str | None, meta: dict[str, Any]) 
             f"### 4. Pacing ({p['runs']} runs, emulator enforcing 5 creates/s and "
             f"200 results/10 s, {p['reps']} reps)\n"
         )
-        out.append("| runs / 5 per s | wall s | wall / ideal | 429 responses |")
-        out.append("|---|---|---|---|")
-        out.append(
-            f"| {p['ideal_s']:.0f} | {fmt(p['wall'], 1)} | {fmt(p['ratio'], 3)} | "
-            f"{fmt(p['responses_429'], 0)} |\n"
+        out += md_table(
+            ["runs / 5 per s", "wall s", "wall / ideal", "429 responses"],
+            [
+                [
+                    f"{p['ideal_s']:.0f}",
+                    fmt(p["wall"], 1),
+                    fmt(p["ratio"], 3),
+                    fmt(p["responses_429"], 0),
+                ]
+            ],
         )
     if "scale" in res:
         sc = res["scale"]
         out.append("### 5. Scale (echo runs, concurrency 64)\n")
-        out.append("| runs | reps | wall s | runs/s | client CPU ms/run | peak RSS MB |")
-        out.append("|---|---|---|---|---|---|")
+        rows = []
         for n in sc["sizes"]:
             d = sc["by_size"][str(n)]
-            out.append(
-                f"| {n:,} | {d['reps']} | {fmt(d['wall'], 1)} | {fmt(d['runs_per_s'], 0)} | "
-                f"{fmt(d['cpu_ms_per_run'])} | {fmt(d['rss_mb'], 0)} |"
+            rows.append(
+                [
+                    f"{n:,}",
+                    str(d["reps"]),
+                    fmt(d["wall"], 1),
+                    fmt(d["runs_per_s"], 0),
+                    fmt(d["cpu_ms_per_run"]),
+                    fmt(d["rss_mb"], 0),
+                ]
             )
-        out.append("\n![scale chart](performance.png)\n")
+        out += md_table(
+            ["runs", "reps", "wall s", "runs/s", "client CPU ms/run", "peak RSS MB"], rows
+        )
+        out.append("![scale chart](performance.png)\n")
     if "resume" in res:
         r = res["resume"]
         out.append(f"### 6. Resume (a done {r['runs']:,}-run manifest, warm, {r['reps']} reps)\n")
-        out.append("| command | wall s | peak RSS MB | requests to the service |")
-        out.append("|---|---|---|---|")
-        for cmd in ("plan", "apply"):
-            out.append(
-                f"| `batchrun {cmd}` | {fmt(r['wall'][cmd], 3)} | {fmt(r['rss'][cmd], 0)} | 0 |"
-            )
-        out.append("")
+        out += md_table(
+            ["command", "wall s", "peak RSS MB", "requests to the service"],
+            [
+                [f"`batchrun {cmd}`", fmt(r["wall"][cmd], 3), fmt(r["rss"][cmd], 0), "0"]
+                for cmd in ("plan", "apply")
+            ],
+        )
     if plan_out:
         out.append("### Plan benchmark (issue 2: `bench/bench_plan.py`)\n")
         out.append("```")

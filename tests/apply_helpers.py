@@ -36,6 +36,22 @@ def write_manifest(
     return path
 
 
+def sleep_batch(
+    folder: Path, endpoint: str, n: int = 6, *, duration: float = 2, concurrency: int = 3
+) -> Path:
+    """n inputs in/s<i>.json and a manifest running each on the emulator's sleep app."""
+    for i in range(n):
+        write_json(folder / "in" / f"s{i}.json", {"i": i})
+    return write_manifest(
+        folder,
+        endpoint,
+        [{"name": "s-{stem}", "input": "in/*.json"}],
+        app="sleep",
+        defaults={"options": {"duration": duration}},
+        concurrency=concurrency,
+    )
+
+
 def write_json(path: Path, obj: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=1))

@@ -9,7 +9,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.apply_helpers import big_json, cli_env, popen_cli, run_cli, write_json, write_manifest
+from tests.apply_helpers import (
+    big_json,
+    cli_env,
+    popen_cli,
+    run_cli,
+    sleep_batch,
+    write_json,
+    write_manifest,
+)
 
 MIB = 1024 * 1024
 
@@ -106,16 +114,7 @@ def test_failed_run_exit_1_then_retry(tmp_path: Path, emulator: Any) -> None:
 
 def test_concurrency_bound_never_exceeded(tmp_path: Path, emulator_factory: Any) -> None:
     emu = emulator_factory(capacity=50)
-    for i in range(12):
-        write_json(tmp_path / "in" / f"s{i}.json", {"i": i})
-    m = write_manifest(
-        tmp_path,
-        emu.api_url,
-        [{"name": "s-{stem}", "input": "in/*.json"}],
-        app="sleep",
-        defaults={"options": {"duration": 0.3}},
-        concurrency=3,
-    )
+    m = sleep_batch(tmp_path, emu.api_url, 12, duration=0.3, concurrency=3)
     result = run_cli("apply", m, api_key=emu.api_key)
     assert result.returncode == 0, result.stderr
     stats = emu.stats()

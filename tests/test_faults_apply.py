@@ -24,6 +24,7 @@ from tests.apply_helpers import (
     cli_env,
     popen_cli,
     run_cli,
+    sleep_batch,
     write_json,
     write_manifest,
 )
@@ -130,16 +131,7 @@ def test_client_error_on_create_is_not_retried(tmp_path: Path, emulator: Any, st
 
 @pytest.mark.parametrize("status", [401, 403])
 def test_auth_error_mid_batch_stops_at_once(tmp_path: Path, emulator: Any, status: int) -> None:
-    for i in range(10):
-        write_json(tmp_path / "in" / f"s{i}.json", {"i": i})
-    manifest = write_manifest(
-        tmp_path,
-        emulator.api_url,
-        [{"name": "s-{stem}", "input": "in/*.json"}],
-        app="sleep",
-        defaults={"options": {"duration": 0.5}},
-        concurrency=2,
-    )
+    manifest = sleep_batch(tmp_path, emulator.api_url, 10, duration=0.5, concurrency=2)
     emulator.set_faults(fail_next={"result": 1}, fail_next_status=status)
     t0 = time.monotonic()
     result = run_cli("apply", manifest, api_key=emulator.api_key)
@@ -379,19 +371,6 @@ def test_direct_limit_boundary_end_to_end(tmp_path: Path, emulator: Any) -> None
 # -- row 12: SIGINT -------------------------------------------------------------------------
 
 
-def sleep_batch(folder: Path, endpoint: str, n: int = 6) -> Path:
-    for i in range(n):
-        write_json(folder / "in" / f"s{i}.json", {"i": i})
-    return write_manifest(
-        folder,
-        endpoint,
-        [{"name": "s-{stem}", "input": "in/*.json"}],
-        app="sleep",
-        defaults={"options": {"duration": 2}},
-        concurrency=3,
-    )
-
-
 def wait_created(emulator: Any, n: int, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while emulator.stats()["runs_created"] < n:
@@ -504,16 +483,7 @@ def test_disk_full_at_the_state_folder(tmp_path: Path, emulator: Any) -> None:
     mount_tmpfs(folder, "2m")
     state = folder / "s.db"
     try:
-        for i in range(8):
-            write_json(tmp_path / "in" / f"s{i}.json", {"i": i})
-        manifest = write_manifest(
-            tmp_path,
-            emulator.api_url,
-            [{"name": "s-{stem}", "input": "in/*.json"}],
-            app="sleep",
-            defaults={"options": {"duration": 0.3}},
-            concurrency=2,
-        )
+        manifest = sleep_batch(tmp_path, emulator.api_url, 8, duration=0.3, concurrency=2)
         proc = popen_cli("apply", manifest, "--state", state, env=cli_env(emulator.api_key))
         try:
             wait_created(emulator, 1)
